@@ -1,0 +1,150 @@
+"""Configuration of the i3 hybrid language models: recurrent layers at the bottom, causal attention on top."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+RECURRENT_MIXERS = ("i3", "open-i3", "rwkv4")
+LAYER_TYPES = ("linear_attention", "full_attention")
+POSITION_EMBEDDING_TYPES = ("rope", "learned")
+
+
+@strict
+class I3Config(PreTrainedConfig):
+    r"""
+    Configuration of an [`I3ForCausalLM`]. The defaults are the i3-80M layout with the `i3` mixer:
+    width 512, 10 recurrent then 6 attention layers, 16 heads, state size 32, vocabulary 35,560.
+
+    Shared:
+        vocab_size, hidden_size, intermediate_size (feed-forward width), num_hidden_layers, layer_types (one of
+        `"linear_attention"` / `"full_attention"` per layer, bottom to top; derived as 5/8 recurrent then attention
+        when omitted), layer_norm_eps, hidden_act, mlp_bias, lm_head_bias, tie_word_embeddings, initializer_range,
+        low_rank (rank of factorised linear layers, SPEC 2.6; `None` for ordinary ones).
+    Positions:
+        position_embedding_type (`"rope"` in attention layers, or `"learned"` absolute embeddings added at the input
+        as the published checkpoints do), max_position_embeddings (a hard cap only for `"learned"`), rope_parameters.
+    Attention:
+        num_attention_heads, attention_bias, attention_dropout.
+    Recurrent layers:
+        recurrent_mixer (`"i3"`: selective SSM, SPEC 2.1; `"open-i3"`: the published i3-80M mixer, SPEC 2.2;
+        `"rwkv4"`: the published i3-200M RWKV-v4 time-mix with channel-mix feed-forward, SPEC 2.3),
+        recurrent_num_heads (scalar decays per layer), expand (inner width = expand * hidden_size), state_size,
+        conv_kernel, chunk_size (length of the blocks of the chunked scan), time_step_min / time_step_max (range of
+        the initial step size dt).
+    """
+
+    model_type = "i3"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    # shared
+    vocab_size: int = 35560
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int | None = None
+    layer_types: list[str] | None = None
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+    mlp_bias: bool = True
+    lm_head_bias: bool = True
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    low_rank: int | None = None
+    # positions
+    position_embedding_type: str = "rope"
+    max_position_embeddings: int = 8192
+    rope_parameters: RopeParameters | dict | None = None
+    # attention
+    num_attention_heads: int = 16
+    attention_bias: bool = True
+    attention_dropout: float = 0.0
+    # recurrent layers
+    recurrent_mixer: str = "i3"
+    recurrent_num_heads: int = 16
+    expand: int = 2
+    state_size: int = 32
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    time_step_min: float = 1e-3
+    time_step_max: float = 1e-1
+    # generation
+    use_cache: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 3
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is None:
+            num_layers = 16 if self.num_hidden_layers is None else self.num_hidden_layers
+            num_recurrent = num_layers * 5 // 8
+            self.layer_types = ["linear_attention"] * num_recurrent + ["full_attention"] * (num_layers - num_recurrent)
+        if self.num_hidden_layers is None:
+            self.num_hidden_layers = len(self.layer_types)
+        if self.rope_parameters is None and self.position_embedding_type == "rope":
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        self.validate_architecture()  # here too, so a bad value raises a plain `ValueError` from the constructor
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def number_of_conv_states(self) -> int:
+        """States each recurrent layer keeps in the cache (read by `DynamicCache`): see the mixers' `STATE_*`."""
+        return 1 if self.recurrent_mixer == "open-i3" else 2
+
+    def validate_architecture(self):
+        """Raise a `ValueError` naming the field for every value the model cannot be built from."""
+        if not self.layer_types:
+            raise ValueError("`layer_types` must list at least one layer.")
+        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings",
+                    "num_attention_heads", "recurrent_num_heads", "expand", "state_size", "conv_kernel", "chunk_size"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        unknown = sorted({kind for kind in self.layer_types if kind not in LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"`layer_types` has unknown entries {unknown}; each must be one of {LAYER_TYPES}.")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`num_hidden_layers` ({self.num_hidden_layers}) must equal the length of `layer_types` "
+                f"({len(self.layer_types)})."
+            )
+        if self.recurrent_mixer not in RECURRENT_MIXERS:
+            raise ValueError(f"`recurrent_mixer` must be one of {RECURRENT_MIXERS}, got {self.recurrent_mixer!r}.")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, "
+                f"got {self.position_embedding_type!r}."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head size; `hidden_size / num_attention_heads` is {self.head_dim}.")
+        if (self.expand * self.hidden_size) % self.recurrent_num_heads:
+            raise ValueError(
+                f"`expand * hidden_size` ({self.expand * self.hidden_size}) must be divisible by "
+                f"`recurrent_num_heads` ({self.recurrent_num_heads})."
+            )
+        if self.conv_kernel < 2:
+            raise ValueError(f"`conv_kernel` must be at least 2, got {self.conv_kernel}.")
+        if not 0 < self.time_step_min <= self.time_step_max:
+            raise ValueError(
+                f"`time_step_min` ({self.time_step_min}) and `time_step_max` ({self.time_step_max}) must satisfy "
+                "0 < time_step_min <= time_step_max."
+            )
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps}.")
+        if self.low_rank is not None and self.low_rank <= 0:
+            raise ValueError(f"`low_rank` must be a positive rank or null, got {self.low_rank}.")
+
+
+# so that `save_pretrained` writes `auto_map` and copies this file next to the weights
+I3Config.register_for_auto_class()
+
+__all__ = ["I3Config"]

@@ -1,0 +1,585 @@
+"""i3: a hybrid language model with recurrent layers at the bottom and causal attention on top.
+
+The stack is `config.layer_types`, bottom to top: `"linear_attention"` layers hold a recurrent mixer, and
+`"full_attention"` layers hold multi-head attention (the i3-80M layout is 10 recurrent + 6 attention). Every
+layer is pre-norm residual: `x = x + mixer(norm1(x)); x = x + ffn(norm2(x))`.
+
+The recurrent mixer is `config.recurrent_mixer` (section numbers refer to the design reference, SPEC.md):
+  - `"i3"` (2.1): RWKV token shift, causal conv, and a selective state space model with one scalar decay per head
+    (Mamba-2 form), gated by a SiLU branch. The default for new models.
+  - `"open-i3"` (2.2): the linear time-invariant mixer of the published i3-80M code, exactly.
+  - `"rwkv4"` (2.3): the RWKV-v4 time-mix of the published i3-200M code, exactly, with its channel-mix as the
+    feed-forward.
+Every recurrence has a chunked evaluation (training and prefill: matmuls inside chunks, a short scan across chunk
+states) and a single-step twin (decoding from the cache); tests check both against plain loops.
+
+Index letters in the scans: b batch, t time, h heads, p head size, n state size, d width; in chunked form
+c chunk, l and s positions inside a chunk (l the output, s the source).
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_i3 import I3Config
+
+
+# --- small pieces ---
+
+
+class I3LowRankLinear(nn.Module):
+    """A linear layer factorised through rank r, `y = x (A B)^T + b` (SPEC 2.6, the "LoRPt" cards)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(out_features, rank))
+        self.B = nn.Parameter(torch.empty(rank, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(hidden_states, self.B), self.A, self.bias)
+
+
+def make_linear(config: I3Config, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """An `nn.Linear`, or its low-rank factorisation when `config.low_rank` is set."""
+    if config.low_rank is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return I3LowRankLinear(in_features, out_features, config.low_rank, bias=bias)
+
+
+class I3GatedRMSNorm(nn.Module):
+    """`weight * rmsnorm(y) * silu(z)`: normalises the SSM output before the SiLU gate (SPEC 2.1 step 5)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * hidden_states.to(input_dtype)) * F.silu(gate)
+
+
+class I3RotaryEmbedding(nn.Module):
+    """Rotary position embedding for the attention layers (transformers' `_init_weights` rebuilds `inv_freq`)."""
+
+    def __init__(self, config: I3Config):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, self.compute_default_rope_parameters)
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: I3Config, **kwargs) -> tuple[torch.Tensor, float]:
+        """The original RoPE frequencies, theta^(-2i/p), with no attention scaling."""
+        base = config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim)), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate queries and keys (b, h, t, p) by their positions' angles (b, t, p)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class I3MLP(nn.Module):
+    """The feed-forward of attention layers and of `i3` / `open-i3` recurrent layers: `down(act(up(x)))`."""
+
+    def __init__(self, config: I3Config):
+        super().__init__()
+        self.up_proj = make_linear(config, config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.down_proj = make_linear(config, config.intermediate_size, config.hidden_size, config.mlp_bias)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+# --- cache and padding helpers shared by the recurrent mixers ---
+
+
+def zero_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the (b, t, ...) inputs at padded positions so that padding never reaches a recurrent state."""
+    if attention_mask is None:
+        return hidden_states
+    mask = attention_mask.to(hidden_states.dtype)
+    return hidden_states * mask.view(*mask.shape, *([1] * (hidden_states.dim() - 2)))
+
+
+def with_history(
+    x: torch.Tensor, width: int, cache: Cache | None, layer_idx: int, state_idx: int
+) -> torch.Tensor:
+    """(b, d, t) -> (b, d, width + t): `x` preceded by the `width` inputs before it (zeros before the sequence
+    start), remembering its last `width` inputs in the cache's conv state `state_idx`. A token shift is width 1,
+    a causal conv of kernel K is width K - 1."""
+    seq_len = x.shape[-1]
+    if cache is not None:
+        # returns the cached inputs followed by x, or x alone (left-padded to `width`) on the first call
+        x = cache.update_conv_state(x, layer_idx, state_idx=state_idx, conv_kernel_size=width)
+    return F.pad(x, (width + seq_len - x.shape[-1], 0))
+
+
+def previous_tokens(
+    hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int, state_idx: int
+) -> torch.Tensor:
+    """(b, t, d) -> (b, t, d): x_{t-1} for every t (RWKV token shift), continuing from the cache."""
+    history = with_history(hidden_states.transpose(1, 2), 1, cache, layer_idx, state_idx)
+    return history[..., :-1].transpose(1, 2)
+
+
+# --- scan helpers shared by the chunked scans ---
+
+
+def split_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(b, t, ...) -> (b, c, l, ...), zero-padding t up to a multiple of `chunk_size`.
+
+    Zero padding is harmless to every scan here: a padded step has log-decay 0 and input 0, so it leaves the
+    state as it was."""
+    pad = -x.shape[1] % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+
+def segment_sum(log_decay: torch.Tensor) -> torch.Tensor:
+    """(..., l) -> (..., l, s): the log-decay from step s to step l, `sum_{s < k <= l} log_decay[k]`, and -inf
+    above the diagonal (s > l), so that `exp` of it is the causal decay matrix.
+
+    Each entry sums only its own terms (not a difference of two long cumulative sums), so a short segment late in a
+    long sequence keeps full float32 precision."""
+    length = log_decay.shape[-1]
+    terms = log_decay[..., :, None].expand(*log_decay.shape, length)  # terms[l, s] = log_decay[l]
+    ones = torch.ones(length, length, dtype=torch.bool, device=log_decay.device)
+    segments = torch.cumsum(terms.masked_fill(~ones.tril(-1), 0), dim=-2)
+    return segments.masked_fill(~ones.tril(0), -torch.inf)
+
+
+# --- i3 selective SSM (SPEC 2.1) ---
+#
+# Per head h, with inputs u_t (p), step dt_t > 0, log-decay log_a_t = -exp(A_log) * dt_t, and shared B_t, C_t (n):
+#   S_t = exp(log_a_t) * S_{t-1} + dt_t * u_t (outer) B_t          S: (p, n)
+#   y_t = S_t C_t + D * u_t
+# The chunked form splits time into chunks of l steps. Inside a chunk, y is a masked matmul weighted by decays
+# (the "diagonal block"); across chunks only the states at chunk ends are carried, itself a tiny scan of length c.
+
+
+def i3_scan_chunked(u, dt, log_a, B, C, D, *, chunk_size, initial_state=None):
+    """Chunked evaluation of the i3 SSM (training and prefill).
+
+    u: (b, t, h, p); dt, log_a: (b, t, h); B, C: (b, t, n); D: (h); initial_state: (b, h, p, n) or None.
+    Returns y (b, t, h, p) in u's dtype and the final state (b, h, p, n) in float32.
+    """
+    batch, seq_len, num_heads, head_dim = u.shape
+    # accumulate in float32: exp of cumulative log-decays is too coarse in half precision
+    x = split_chunks((u * dt[..., None]).float(), chunk_size)  # (b, c, l, h, p), the input dt_t u_t
+    log_a = split_chunks(log_a.float(), chunk_size).permute(0, 3, 1, 2)  # (b, h, c, l)
+    B = split_chunks(B.float(), chunk_size)  # (b, c, l, n)
+    C = split_chunks(C.float(), chunk_size)  # (b, c, l, n)
+    cumulative = torch.cumsum(log_a, dim=-1)  # (b, h, c, l): log-decay from the chunk start to step l
+
+    # 1. inside chunks: y_l = sum_{s <= l} exp(log-decay s -> l) (C_l . B_s) x_s
+    scores = torch.einsum("bcln,bcsn->bcls", C, B)[:, None] * torch.exp(segment_sum(log_a))  # (b, h, c, l, s)
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, x)
+
+    # 2. the state each chunk leaves behind when it starts from zero
+    decay_to_end = torch.exp(cumulative[..., -1:] - cumulative)  # (b, h, c, l)
+    chunk_states = torch.einsum("bhcl,bclhp,bcln->bchpn", decay_to_end, x, B)
+
+    # 3. across chunks: the state entering each chunk, from the initial state and every earlier chunk
+    if initial_state is None:
+        initial_state = u.new_zeros(batch, num_heads, head_dim, B.shape[-1], dtype=torch.float32)
+    states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # (b, c + 1, h, p, n)
+    chunk_decay = torch.exp(segment_sum(F.pad(cumulative[..., -1], (1, 0))))  # (b, h, c + 1, c + 1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    entering_states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. what the entering state contributes to each step: exp(log-decay start -> l) S_in C_l
+    y = y + torch.einsum("bcln,bchpn,bhcl->bclhp", C, entering_states, torch.exp(cumulative))
+
+    y = y.reshape(batch, -1, num_heads, head_dim)[:, :seq_len] + D[:, None] * u.float()
+    return y.to(u.dtype), final_state
+
+
+def i3_scan_step(u, dt, log_a, B, C, D, *, initial_state):
+    """Single-step evaluation of the i3 SSM (decoding): the same as `i3_scan_chunked` with t = 1."""
+    u1, dt1, log_a1, B1, C1 = (v[:, 0].float() for v in (u, dt, log_a, B, C))
+    state = torch.exp(log_a1)[..., None, None] * initial_state + (dt1[..., None] * u1)[..., None] * B1[:, None, None]
+    y = torch.einsum("bhpn,bn->bhp", state, C1) + D[:, None] * u1
+    return y[:, None].to(u.dtype), state
+
+
+class I3RecurrentMixer(nn.Module):
+    """The `i3` mixer (SPEC 2.1): token shift, in-projection, causal conv, selective SSM, gated norm.
+
+    Input-dependent: dt, B, C (from the conv output) and the gate z; learned constants: mu, A_log, dt_bias, D.
+    """
+
+    STATE_SSM = 0  # conv state: the last conv_kernel - 1 inner inputs; recurrent state: S (b, h, p, n)
+    STATE_SHIFT = 1  # conv state: the last token, for the token shift
+
+    def __init__(self, config: I3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.inner_size = config.expand * config.hidden_size
+        self.num_heads = config.recurrent_num_heads
+        self.head_dim = self.inner_size // self.num_heads
+        self.state_size = config.state_size
+        self.conv_kernel = config.conv_kernel
+        self.chunk_size = config.chunk_size
+
+        self.time_mix = nn.Parameter(torch.empty(config.hidden_size))  # mu
+        self.in_proj = make_linear(config, config.hidden_size, 2 * self.inner_size, bias=False)
+        self.conv1d = nn.Conv1d(self.inner_size, self.inner_size, config.conv_kernel, groups=self.inner_size)
+        self.x_proj = make_linear(config, self.inner_size, self.num_heads + 2 * self.state_size, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = I3GatedRMSNorm(self.inner_size, eps=config.layer_norm_eps)
+        self.out_proj = make_linear(config, self.inner_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        cache = past_key_values
+        ssm_state = cache.get_recurrent_state(self.layer_idx, self.STATE_SSM) if cache is not None else None
+        hidden_states = zero_padding(hidden_states, attention_mask)
+
+        # 1. token shift: m_t = x_t + mu (x_{t-1} - x_t)
+        previous = previous_tokens(hidden_states, cache, self.layer_idx, self.STATE_SHIFT)
+        mixed = hidden_states + self.time_mix * (previous - hidden_states)
+
+        # 2. [u, z] = W_in m
+        u, z = self.in_proj(mixed).chunk(2, dim=-1)
+
+        # 3. causal depthwise conv, then SiLU; padded positions are zeroed again after the conv's bias
+        u = with_history(u.transpose(1, 2), self.conv_kernel - 1, cache, self.layer_idx, self.STATE_SSM)
+        u = F.silu(self.conv1d(u).transpose(1, 2))
+        u = zero_padding(u, attention_mask)
+
+        # 4. selective SSM; a padded step gets dt = 0, so it neither decays nor feeds the state
+        dt, B, C = self.x_proj(u).split([self.num_heads, self.state_size, self.state_size], dim=-1)
+        dt = zero_padding(F.softplus((dt + self.dt_bias).float()), attention_mask)
+        log_a = -torch.exp(self.A_log.float()) * dt
+        u_heads = u.reshape(batch, seq_len, self.num_heads, self.head_dim)
+        if ssm_state is not None and seq_len == 1:
+            y, ssm_state = i3_scan_step(u_heads, dt, log_a, B, C, self.D, initial_state=ssm_state)
+        else:
+            y, ssm_state = i3_scan_chunked(
+                u_heads, dt, log_a, B, C, self.D, chunk_size=self.chunk_size, initial_state=ssm_state
+            )
+        if cache is not None:
+            cache.update_recurrent_state(ssm_state, self.layer_idx, self.STATE_SSM)
+
+        # 5. out = W_out(norm(y) * silu(z))
+        return self.out_proj(self.norm(y.reshape(batch, seq_len, self.inner_size), z))
+
+
+RECURRENT_MIXERS = {"i3": I3RecurrentMixer}
+
+
+# --- attention (SPEC 2.4) ---
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention over (b, h, t, p) tensors; `attention_mask` is additive (b, 1, t, t_kv)."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class I3Attention(nn.Module):
+    """Causal multi-head attention with a fused `qkv_proj` (as the published checkpoints have) and a KV cache."""
+
+    def __init__(self, config: I3Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.use_rope = config.position_embedding_type == "rope"
+        self.qkv_proj = make_linear(config, config.hidden_size, 3 * config.hidden_size, config.attention_bias)
+        self.o_proj = make_linear(config, config.hidden_size, config.hidden_size, config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query, key, value = (
+            part.view(hidden_shape).transpose(1, 2) for part in self.qkv_proj(hidden_states).chunk(3, dim=-1)
+        )
+        if self.use_rope:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class I3DecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm residual block: a recurrent mixer or attention, then the feed-forward."""
+
+    def __init__(self, config: I3Config, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if self.layer_type == "full_attention":
+            self.self_attn = I3Attention(config, layer_idx)
+        else:
+            self.linear_attn = RECURRENT_MIXERS[config.recurrent_mixer](config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = I3MLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.layer_type == "full_attention":
+            hidden_states, _ = self.self_attn(
+                hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+            )
+        else:
+            hidden_states = self.linear_attn(hidden_states, attention_mask, past_key_values)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class I3PreTrainedModel(PreTrainedModel):
+    config: I3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["I3DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _is_stateful = True
+    _can_record_outputs = {"hidden_states": I3DecoderLayer, "attentions": I3Attention}
+
+    def _init_weights(self, module: nn.Module):
+        """Linear and embedding weights N(0, initializer_range); the custom tensors below are (re)built here because
+        weights are first created on the meta device."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, I3LowRankLinear):
+            init.normal_(module.A, mean=0.0, std=std)
+            init.normal_(module.B, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, I3RecurrentMixer):
+            # Mamba-2: A = -U(1, 16), dt log-uniform in [time_step_min, time_step_max] through softplus^-1, D = 1
+            init.constant_(module.time_mix, 0.5)
+            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1, 16).log())
+            low, high = math.log(self.config.time_step_min), math.log(self.config.time_step_max)
+            dt = torch.exp(torch.empty_like(module.dt_bias).uniform_(low, high))
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.ones_(module.D)
+        elif isinstance(module, I3GatedRMSNorm):
+            init.ones_(module.weight)
+
+
+class I3Model(I3PreTrainedModel):
+    """The i3 backbone: embeddings (+ learned positions), the layer stack, the final norm."""
+
+    def __init__(self, config: I3Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        else:
+            self.rotary_emb = I3RotaryEmbedding(config)
+        self.layers = nn.ModuleList(I3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        masks = {
+            "full_attention": create_causal_mask(**mask_kwargs),
+            "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+        }
+
+        hidden_states = inputs_embeds
+        position_embeddings = None
+        if self.config.position_embedding_type == "learned":
+            hidden_states = hidden_states + self.embed_positions(self.check_learned_positions(position_ids))
+        else:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=masks[decoder_layer.layer_type],
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def check_learned_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Learned positions end at `max_position_embeddings`: past it there is no embedding, so refuse clearly."""
+        last_position = int(position_ids.max())
+        if last_position >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"Position {last_position} is past this model's learned positions (max_position_embeddings="
+                f"{self.config.max_position_embeddings}); shorten the input to at most "
+                f"{self.config.max_position_embeddings} tokens including the cache."
+            )
+        return position_ids
+
+
+class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: I3Config):
+        super().__init__(config)
+        self.model = I3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        """`labels` are the input ids (shifted inside; -100 is ignored). Returns logits (b, t, vocab) and the cache."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+# so that `save_pretrained` writes `auto_map` and copies the code files next to the weights
+I3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["I3ForCausalLM", "I3Model", "I3PreTrainedModel"]
