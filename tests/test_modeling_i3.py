@@ -1,0 +1,301 @@
+"""I3ForCausalLM: caches, padding, generation, saving and loading, precision, configuration errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_config, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from i3.configuration_i3 import I3Config
+from i3.modeling_i3 import I3ForCausalLM
+
+POSITION_TYPES = ["rope", "learned"]
+
+
+def random_ids(batch, length, seed=0, vocab=99):
+    return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("position_embedding_type", POSITION_TYPES)
+def test_full_forward_equals_token_by_token(position_embedding_type):
+    """Logits of one pass over 13 tokens equal feeding a 5-token prefill then single tokens through the cache."""
+    model = tiny_model(position_embedding_type=position_embedding_type)
+    ids = random_ids(2, 13)
+    with torch.no_grad():
+        expected = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        pieces = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        for t in range(5, 13):
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_in_several_chunks_equals_one_pass():
+    """Continuing a multi-token forward from the cache (chunked prefill) gives the same logits as one pass."""
+    model = tiny_model()
+    ids = random_ids(2, 19)
+    with torch.no_grad():
+        expected = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :6], past_key_values=cache, use_cache=True).logits
+        second = model(ids[:, 6:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_size_does_not_change_logits():
+    """The chunk length is a speed knob only: chunks of 1, 4 and 64 give the same logits."""
+    ids = random_ids(2, 21)
+    logits = []
+    for chunk_size in (1, 4, 64):
+        with torch.no_grad():
+            logits.append(tiny_model(chunk_size=chunk_size)(ids).logits)
+    torch.testing.assert_close(logits[0], logits[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], logits[2], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generate_with_cache_equals_without_cache():
+    """64 greedy tokens decoded from the cache equal 64 tokens each recomputed from the whole sequence."""
+    model = tiny_model()
+    prompt = random_ids(2, 7)
+    with_cache = model.generate(prompt, max_new_tokens=64, do_sample=False, use_cache=True, eos_token_id=None)
+    without_cache = model.generate(prompt, max_new_tokens=64, do_sample=False, use_cache=False, eos_token_id=None)
+    assert with_cache.shape == (2, 71)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_greedy_generate_equals_argmax_loop():
+    """`generate` is exactly the argmax loop over full forwards: no hidden state leaks between steps."""
+    model = tiny_model(seed=3)
+    sequence = random_ids(1, 6, seed=3)
+    generated = model.generate(sequence, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        for _ in range(20):
+            next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+@pytest.mark.parametrize("position_embedding_type", POSITION_TYPES)
+def test_left_padded_batch_generates_as_each_prompt_alone(position_embedding_type):
+    """Prompts of lengths 3, 8 and 12, left-padded into one batch, generate exactly what each does alone."""
+    model = tiny_model(seed=1, position_embedding_type=position_embedding_type)
+    prompts = [random_ids(1, length, seed=length)[0] for length in (3, 8, 12)]
+    width = max(len(p) for p in prompts)
+    pad = model.config.pad_token_id
+    batch = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    batched = model.generate(batch, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=24, do_sample=False, eos_token_id=None)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt):]), f"prompt {row} diverged"
+
+
+def test_padding_does_not_touch_recurrent_states():
+    """After a left-padded prefill, every recurrent state equals the state of the unpadded prompt."""
+    model = tiny_model()
+    prompt = random_ids(1, 6)
+    padded = torch.cat([torch.full((1, 5), model.config.pad_token_id), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 6)], dim=1).long()
+    alone, batched = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt, past_key_values=alone, use_cache=True)
+        model(padded, attention_mask=mask, past_key_values=batched, use_cache=True)
+    for layer_idx, layer_type in enumerate(model.config.layer_types):
+        if layer_type != "linear_attention":
+            continue
+        torch.testing.assert_close(
+            batched.get_recurrent_state(layer_idx, 0), alone.get_recurrent_state(layer_idx, 0), atol=1e-5, rtol=1e-5
+        )
+        for state_idx in range(model.config.number_of_conv_states):
+            torch.testing.assert_close(
+                batched.get_conv_state(layer_idx, state_idx), alone.get_conv_state(layer_idx, state_idx)
+            )
+
+
+def test_labels_give_the_shifted_cross_entropy():
+    """`labels` are shifted inside and -100 is ignored: the loss equals cross-entropy of logits[t] vs ids[t+1]."""
+    model = tiny_model()
+    ids = random_ids(2, 10)
+    labels = ids.clone()
+    labels[0, 4:7] = -100
+    out = model(ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 99), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_sampling_top_k_top_p_and_beam_search_run():
+    """Sampling with top-k / top-p and beam search produce well-formed sequences of the asked length."""
+    model = tiny_model()
+    prompt = random_ids(2, 5)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, do_sample=True, top_k=10, top_p=0.9, temperature=0.8, max_new_tokens=12,
+                             eos_token_id=None)
+    beams = model.generate(prompt, num_beams=3, num_return_sequences=2, max_new_tokens=12, do_sample=False,
+                           eos_token_id=None)
+    assert sampled.shape == (2, 17) and beams.shape == (4, 17)
+    assert torch.equal(sampled[:, :5], prompt) and torch.equal(beams[::2, :5], prompt)
+    # beam search without a cache re-scores from scratch: the same best beams
+    no_cache = model.generate(prompt, num_beams=3, num_return_sequences=2, max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, use_cache=False)
+    assert torch.equal(beams, no_cache)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing activations in the backward pass changes no gradient."""
+    ids = random_ids(2, 11)
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters()})
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_run_without_autocast(dtype):
+    """bf16 / fp16 weights run forward, backward and cached generation, close to the float32 logits."""
+    model = tiny_model()
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        reference = model(ids).logits
+    half = tiny_model().to(dtype)
+    out = half(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == dtype and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.logits.float(), reference, atol=0.1, rtol=0.05)
+    generated = half.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert generated.shape == (2, 14)
+
+
+def test_learned_positions_refuse_too_long_inputs():
+    """Past `max_position_embeddings` learned positions raise a clear error instead of indexing garbage."""
+    model = tiny_model(position_embedding_type="learned", max_position_embeddings=16)
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model(random_ids(1, 17))
+
+
+def test_meta_device_load_reinitialises_custom_parameters(tmp_path):
+    """A checkpoint missing A_log / dt_bias / D loads with them initialised as SPEC 2.1 says, not left empty."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = [key for key in weights if key.endswith(("A_log", "dt_bias", ".D"))]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = I3ForCausalLM.from_pretrained(tmp_path)
+    mixer = loaded.model.layers[0].linear_attn
+    assert torch.all((mixer.A_log.exp() >= 1) & (mixer.A_log.exp() <= 16))
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert torch.all((dt >= 1e-3 * 0.999) & (dt <= 1e-1 * 1.001))
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save({"logits": model(ids).logits, "class": type(model).__name__}, sys.argv[3])
+    """
+)
+
+
+def load_in_fresh_process(tmp_path, name_or_path, ids, hub_cache=None):
+    """Load with AutoModelForCausalLM in a new Python started in an unrelated directory; return its logits."""
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir(exist_ok=True)
+    torch.save(ids, workdir / "ids.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "PYTHONPATH": ""}
+    if hub_cache is not None:
+        env["HF_HUB_CACHE"] = str(hub_cache)
+    (workdir / "load.py").write_text(FRESH_PROCESS_SCRIPT)
+    subprocess.run([sys.executable, "load.py", str(name_or_path), "ids.pt", "out.pt"], cwd=workdir, env=env,
+                   check=True, capture_output=True, text=True)
+    result = torch.load(workdir / "out.pt")
+    assert result["class"] == "I3ForCausalLM"
+    return result["logits"]
+
+
+def test_save_and_load_in_a_fresh_process(tmp_path):
+    """A saved folder (weights, config with auto_map, code) loads anywhere with identical logits."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "saved")
+    saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert {"config.json", "model.safetensors", "modeling_i3.py", "configuration_i3.py"} <= set(saved)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert torch.equal(load_in_fresh_process(tmp_path, tmp_path / "saved", ids), expected)
+
+
+def test_load_by_repo_id_from_a_hub_cache(tmp_path):
+    """Laid out as a Hub download (models--org--name/snapshots/<rev>), the model loads by repo id offline."""
+    model = tiny_model(seed=5)
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / "models--i3-org--i3-tiny"
+    model.save_pretrained(repo_dir / "snapshots" / revision)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        expected = model(ids).logits
+    logits = load_in_fresh_process(tmp_path, "i3-org/i3-tiny", ids, hub_cache=tmp_path / "hub")
+    assert torch.equal(logits, expected)
+
+
+def test_root_config_is_the_i3_80m_layout():
+    """The repo's config.json loads through AutoConfig as the i3-80M layout with the i3 mixer."""
+    config = AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    assert config.model_type == "i3" and config.recurrent_mixer == "i3"
+    assert config.layer_types == ["linear_attention"] * 10 + ["full_attention"] * 6
+    assert (config.hidden_size, config.num_attention_heads, config.state_size, config.conv_kernel) == (512, 16, 32, 4)
+    assert config.vocab_size == 35560 and config.position_embedding_type == "rope"
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    assert type(model).__name__ == "I3ForCausalLM"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_attention_heads=5), "num_attention_heads"),
+        (dict(layer_types=["linear_attention", "cross_attention"]), "layer_types"),
+        (dict(layer_types=[]), "layer_types"),
+        (dict(recurrent_mixer="lstm"), "recurrent_mixer"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(state_size=-1), "state_size"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(recurrent_num_heads=3), "recurrent_num_heads"),
+        (dict(position_embedding_type="alibi"), "position_embedding_type"),
+        (dict(conv_kernel=1), "conv_kernel"),
+        (dict(num_hidden_layers=3), "num_hidden_layers"),
+        (dict(time_step_min=0.5, time_step_max=0.1), "time_step_min"),
+        (dict(low_rank=0), "low_rank"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, field):
+    """Every inconsistent value raises a ValueError whose message names the offending field."""
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_config_round_trips():
+    """A saved config loads back field for field."""
+    config = tiny_config(position_embedding_type="learned", low_rank=4)
+    assert I3Config.from_dict(config.to_dict()).to_dict() == config.to_dict()
