@@ -125,7 +125,8 @@ class I3MLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self.down_proj = make_linear(config, config.intermediate_size, config.hidden_size, config.mlp_bias)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **token_mixing_inputs) -> torch.Tensor:
+        """`token_mixing_inputs` (mask, cache) are for the RWKV channel-mix that can stand in this place."""
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
@@ -312,7 +313,260 @@ class I3RecurrentMixer(nn.Module):
         return self.out_proj(self.norm(y.reshape(batch, seq_len, self.inner_size), z))
 
 
-RECURRENT_MIXERS = {"i3": I3RecurrentMixer}
+# --- published-checkpoint mixers, exact (SPEC 2.2, 2.3) ---
+#
+# open-i3, per channel or state entry (w_mix, A, B, C, D are constants):
+#   h_t = w_mix * h_{t-1} + (1 - w_mix) * x_t          an exponential moving average of the input, (d)
+#   s_t = A s_{t-1} + B x_t                            a linear time-invariant state, (n)
+#   y_t = C s_t + D * h_t
+# Both are s_t = M s_{t-1} + x_t with a constant M (diagonal for h), so one chunked scan serves both: inside a
+# chunk, s_l = sum_{s <= l} M^(l-s) x_s + M^(l+1) s_in; across chunks, s_in is carried by a short loop. Nothing
+# constrains w_mix to (0, 1) or A to be stable, so powers are taken as they are, not through logarithms.
+
+
+def lti_powers(transition: torch.Tensor, count: int) -> torch.Tensor:
+    """M^0 .. M^(count-1), stacked: (count, k) for a diagonal M given as (k), (count, k, k) for a matrix."""
+    if transition.dim() == 1:
+        return transition[None] ** torch.arange(count, device=transition.device, dtype=transition.dtype)[:, None]
+    powers = [torch.eye(transition.shape[0], device=transition.device, dtype=transition.dtype)]
+    for _ in range(count - 1):
+        powers.append(transition @ powers[-1])
+    return torch.stack(powers)
+
+
+def lti_scan_chunked(x, transition, *, chunk_size, initial_state=None):
+    """Chunked evaluation of s_t = M s_{t-1} + x_t with a constant M, diagonal (k) or full (k, k).
+
+    x: (b, t, k); initial_state: (b, k) or None. Returns every state (b, t, k) and the last one, in float32.
+    """
+    batch, seq_len, size = x.shape
+    transition = transition.float()
+    diagonal = transition.dim() == 1
+    x = split_chunks(x.float(), chunk_size)  # (b, c, l, k); padded steps come after the last real one
+    powers = lti_powers(transition, chunk_size + 1)  # M^0 .. M^l
+    lag = torch.arange(chunk_size, device=x.device)
+    lag = lag[:, None] - lag[None, :]  # (l, s): l - s
+    causal = (lag >= 0).view(chunk_size, chunk_size, *([1] * (powers.dim() - 1)))
+    toeplitz = powers[lag.clamp(min=0)] * causal  # (l, s, k) or (l, s, k, k): M^(l-s), zero above the diagonal
+
+    # 1. inside chunks, starting from zero
+    if diagonal:
+        states = torch.einsum("lsk,bcsk->bclk", toeplitz, x)
+    else:
+        states = torch.einsum("lsij,bcsj->bcli", toeplitz, x)
+
+    # 2. across chunks: carry the state entering each chunk, and add M^(l+1) s_in to every step
+    state = x.new_zeros(batch, size) if initial_state is None else initial_state.float()
+    entering = []
+    for chunk_end in states[:, :, -1].unbind(1):
+        entering.append(state)
+        state = chunk_end + (powers[-1] * state if diagonal else state @ powers[-1].T)
+    entering = torch.stack(entering, dim=1)  # (b, c, k)
+    if diagonal:
+        states = states + powers[1:] * entering[:, :, None]
+    else:
+        states = states + torch.einsum("lij,bcj->bcli", powers[1:], entering)
+    states = states.reshape(batch, -1, size)[:, :seq_len]
+    return states, states[:, -1]
+
+
+def lti_scan_step(x, transition, *, initial_state):
+    """Single-step evaluation of `lti_scan_chunked` (t = 1): s = M s + x."""
+    transition = transition.float()
+    carried = transition * initial_state if transition.dim() == 1 else initial_state @ transition.T
+    state = carried + x[:, 0].float()
+    return state[:, None], state
+
+
+class I3LtiMixer(nn.Module):
+    """The `open-i3` mixer of the published i3-80M code (SPEC 2.2): an EMA h and a linear state s, no gate.
+
+    Nothing depends on the input except the input itself: w_mix, A, B, C, D are learned constants.
+    """
+
+    STATE = 0  # conv state: h, the moving average (b, d, 1); recurrent state: s (b, n)
+
+    def __init__(self, config: I3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.chunk_size = config.chunk_size
+        self.w_mix = nn.Parameter(torch.empty(config.hidden_size))
+        self.A = nn.Parameter(torch.empty(config.state_size, config.state_size))
+        self.B = nn.Parameter(torch.empty(config.state_size, config.hidden_size))
+        self.C = nn.Parameter(torch.empty(config.hidden_size, config.state_size))
+        self.D = nn.Parameter(torch.empty(config.hidden_size))
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
+        cache = past_key_values
+        average = cache.get_conv_state(self.layer_idx, self.STATE) if cache is not None else None
+        state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
+        x = zero_padding(hidden_states, attention_mask).float()
+        average = average[..., 0] if average is not None else None
+
+        ema_input, state_input = (1 - self.w_mix.float()) * x, x @ self.B.float().T
+        if state is not None and x.shape[1] == 1:
+            averages, average = lti_scan_step(ema_input, self.w_mix, initial_state=average)
+            states, state = lti_scan_step(state_input, self.A, initial_state=state)
+        else:
+            averages, average = lti_scan_chunked(ema_input, self.w_mix, chunk_size=self.chunk_size,
+                                                 initial_state=average)
+            states, state = lti_scan_chunked(state_input, self.A, chunk_size=self.chunk_size, initial_state=state)
+        if cache is not None:
+            cache.update_conv_state(average[..., None], self.layer_idx, self.STATE, conv_kernel_size=1)
+            cache.update_recurrent_state(state, self.layer_idx, self.STATE)
+        y = states @ self.C.float().T + self.D.float() * averages
+        return y.to(hidden_states.dtype)
+
+
+# RWKV-v4 WKV as the published i3-200M code computes it, per channel, with w = -exp(time_decay) < 0, u = time_first:
+#   wkv_t = (e^u sum_{s<t} e^{(t-1-s) w + k_s} v_s + e^{k_t} v_t) / (e^u sum_{s<t} e^{(t-1-s) w + k_s} + e^{k_t})
+# (the bonus u multiplies the past here, where the RWKV-v4 paper gives it to the current token; i3 keeps the
+# published arithmetic so that its checkpoints run unchanged).
+# The state after step t is (aa, bb, pp) with aa e^pp = sum_{s<=t} e^{(t-s) w + k_s} v_s and bb e^pp the same
+# without v: every exponent is taken relative to the running maximum pp, so nothing overflows (SPEC 2.3).
+
+WKV_EMPTY_LOG = -1e30  # pp of the empty state, and the key of a padded step: e^(that) is exactly 0
+
+
+def wkv_merge(first, second):
+    """Sum two (aa, bb, pp) log-scaled sums, each (..., d), rescaled to the larger exponent."""
+    aa1, bb1, pp1 = first
+    aa2, bb2, pp2 = second
+    pp = torch.maximum(pp1, pp2)
+    scale1, scale2 = torch.exp(pp1 - pp), torch.exp(pp2 - pp)
+    return aa1 * scale1 + aa2 * scale2, bb1 * scale1 + bb2 * scale2, pp
+
+
+def wkv4_scan_chunked(k, v, time_decay, time_first, *, chunk_size, initial_state=None):
+    """Chunked evaluation of the RWKV-v4 WKV (training and prefill).
+
+    k, v: (b, t, d); time_decay, time_first: (d); initial_state: (b, 3, d) = (aa, bb, pp) or None.
+    Returns wkv (b, t, d) in float32 and the final state (b, 3, d).
+    """
+    batch, seq_len, width = k.shape
+    w, u = -torch.exp(time_decay.float()), time_first.float()
+    # padded steps get an empty key so they add nothing; the ragged last chunk is measured by its real length
+    k = split_chunks(F.pad(k.float(), (0, 0, 0, -seq_len % chunk_size), value=WKV_EMPTY_LOG), chunk_size)
+    v = split_chunks(v.float(), chunk_size)  # (b, c, l, d)
+    num_chunks = k.shape[1]
+    position = torch.arange(chunk_size, device=k.device, dtype=torch.float32)
+
+    # 1. each chunk's own sums at its last real step: exponents k_s + (length - 1 - s) w
+    lengths = torch.full((num_chunks,), chunk_size, device=k.device, dtype=torch.float32)
+    lengths[-1] = seq_len - (num_chunks - 1) * chunk_size
+    exponents = k + (lengths[:, None] - 1 - position)[None, :, :, None] * w  # (b, c, l, d)
+    pp_local = exponents.amax(dim=2)
+    weights = torch.exp(exponents - pp_local[:, :, None])
+    local = ((weights * v).sum(2), weights.sum(2), pp_local)  # each (b, c, d)
+
+    # 2. across chunks: the state entering each chunk, decayed by the chunk's length, merged with its own sums
+    if initial_state is None:
+        initial_state = torch.stack([k.new_zeros(batch, width), k.new_zeros(batch, width),
+                                     k.new_full((batch, width), WKV_EMPTY_LOG)], dim=1)
+    state = tuple(initial_state.float().unbind(1))
+    entering = []
+    for chunk in range(num_chunks):
+        entering.append(torch.stack(state, dim=1))
+        aa, bb, pp = state
+        state = wkv_merge((aa, bb, pp + lengths[chunk] * w), tuple(part[:, chunk] for part in local))
+    aa_in, bb_in, pp_in = torch.stack(entering, dim=1).unbind(2)  # each (b, c, d)
+
+    # 3. outputs inside chunks: earlier steps with decay (l - 1 - s) w and the bonus u, the current step as it is,
+    #    and the entering state decayed by l w, with the bonus u
+    lag = position[:, None] - 1 - position[None, :]  # (l, s)
+    exponents = u + k[:, :, None] + lag[..., None] * w  # (b, c, l, s, d)
+    is_current = torch.eye(chunk_size, dtype=torch.bool, device=k.device)[..., None]  # (l, s, 1)
+    is_later = torch.ones_like(is_current).squeeze(-1).triu(1)[..., None]
+    exponents = torch.where(is_current, k[:, :, :, None], exponents).masked_fill(is_later, -torch.inf)
+    state_exponent = u + pp_in[:, :, None] + position[:, None] * w  # (b, c, l, d)
+    q = torch.maximum(exponents.amax(dim=3), state_exponent)
+    weights = torch.exp(exponents - q[:, :, :, None])
+    state_weight = torch.exp(state_exponent - q)
+    numerator = torch.einsum("bclsd,bcsd->bcld", weights, v) + aa_in[:, :, None] * state_weight
+    denominator = weights.sum(3) + bb_in[:, :, None] * state_weight + 1e-8
+    wkv = (numerator / denominator).reshape(batch, -1, width)[:, :seq_len]
+    return wkv, torch.stack(state, dim=1)
+
+
+def wkv4_scan_step(k, v, time_decay, time_first, *, initial_state):
+    """Single-step evaluation of the WKV (decoding): SPEC 2.3's recurrence for one token, = chunked at t = 1."""
+    w, u = -torch.exp(time_decay.float()), time_first.float()
+    k, v = k[:, 0].float(), v[:, 0].float()
+    aa, bb, pp = initial_state.float().unbind(1)
+    q = torch.maximum(u + pp, k)
+    e1, e2 = torch.exp(u + pp - q), torch.exp(k - q)
+    wkv = (aa * e1 + v * e2) / (bb * e1 + e2 + 1e-8)
+    aa, bb, pp = wkv_merge((aa, bb, pp + w), (v, torch.ones_like(v), k))
+    return wkv[:, None], torch.stack([aa, bb, pp], dim=1)
+
+
+class I3WkvTimeMix(nn.Module):
+    """The `rwkv4` mixer of the published i3-200M code (SPEC 2.3): token shift, WKV attention, receptance gate.
+
+    k, v and r depend on the input; the decay, the bonus of the current token and the shift mixes are constants.
+    """
+
+    STATE = 0  # conv state: the last token, for the token shift; recurrent state: (aa, bb, pp) (b, 3, d)
+
+    def __init__(self, config: I3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.chunk_size = config.chunk_size
+        size = config.hidden_size
+        self.time_decay = nn.Parameter(torch.empty(size))
+        self.time_first = nn.Parameter(torch.empty(size))
+        self.time_mix_k = nn.Parameter(torch.empty(size))
+        self.time_mix_v = nn.Parameter(torch.empty(size))
+        self.time_mix_r = nn.Parameter(torch.empty(size))
+        self.key = make_linear(config, size, size, bias=False)
+        self.value = make_linear(config, size, size, bias=False)
+        self.receptance = make_linear(config, size, size, bias=False)
+        self.output = make_linear(config, size, size, bias=False)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
+        cache = past_key_values
+        state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
+        x = zero_padding(hidden_states, attention_mask)
+        previous = previous_tokens(x, cache, self.layer_idx, self.STATE)
+        k = self.key(x * self.time_mix_k + previous * (1 - self.time_mix_k))
+        v = self.value(x * self.time_mix_v + previous * (1 - self.time_mix_v))
+        r = torch.sigmoid(self.receptance(x * self.time_mix_r + previous * (1 - self.time_mix_r)))
+        if attention_mask is not None:  # a padded step must carry no weight in the WKV sums
+            k = k.float().masked_fill(~attention_mask.bool()[..., None], WKV_EMPTY_LOG)
+        if state is not None and x.shape[1] == 1:
+            wkv, state = wkv4_scan_step(k, v, self.time_decay, self.time_first, initial_state=state)
+        else:
+            wkv, state = wkv4_scan_chunked(k, v, self.time_decay, self.time_first, chunk_size=self.chunk_size,
+                                           initial_state=state)
+        if cache is not None:
+            cache.update_recurrent_state(state, self.layer_idx, self.STATE)
+        return self.output(r * wkv.to(r.dtype))
+
+
+class I3WkvChannelMix(nn.Module):
+    """RWKV-v4 channel-mix, the feed-forward of `rwkv4` layers: `sigmoid(r) * W_v relu(k)^2`, with token shift."""
+
+    STATE = 1  # conv state: the last token, for the token shift
+
+    def __init__(self, config: I3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        size = config.hidden_size
+        self.time_mix_k = nn.Parameter(torch.empty(size))
+        self.time_mix_r = nn.Parameter(torch.empty(size))
+        self.key = make_linear(config, size, config.intermediate_size, bias=False)
+        self.receptance = make_linear(config, size, size, bias=False)
+        self.value = make_linear(config, config.intermediate_size, size, bias=False)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
+        x = zero_padding(hidden_states, attention_mask)
+        previous = previous_tokens(x, past_key_values, self.layer_idx, self.STATE)
+        k = torch.square(torch.relu(self.key(x * self.time_mix_k + previous * (1 - self.time_mix_k))))
+        r = torch.sigmoid(self.receptance(x * self.time_mix_r + previous * (1 - self.time_mix_r)))
+        return r * self.value(k)
+
+
+RECURRENT_MIXERS = {"i3": I3RecurrentMixer, "open-i3": I3LtiMixer, "rwkv4": I3WkvTimeMix}
 
 
 # --- attention (SPEC 2.4) ---
@@ -391,7 +645,10 @@ class I3DecoderLayer(GradientCheckpointingLayer):
         else:
             self.linear_attn = RECURRENT_MIXERS[config.recurrent_mixer](config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = I3MLP(config)
+        if self.layer_type == "linear_attention" and config.recurrent_mixer == "rwkv4":
+            self.mlp = I3WkvChannelMix(config, layer_idx)
+        else:
+            self.mlp = I3MLP(config)
 
     def forward(
         self,
@@ -410,7 +667,8 @@ class I3DecoderLayer(GradientCheckpointingLayer):
         else:
             hidden_states = self.linear_attn(hidden_states, attention_mask, past_key_values)
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        feed_forward_input = self.post_attention_layernorm(hidden_states)
+        return hidden_states + self.mlp(feed_forward_input, attention_mask=attention_mask, past_key_values=past_key_values)
 
 
 class I3PreTrainedModel(PreTrainedModel):
@@ -444,6 +702,18 @@ class I3PreTrainedModel(PreTrainedModel):
             init.ones_(module.D)
         elif isinstance(module, I3GatedRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, I3LtiMixer):  # the published init
+            init.constant_(module.w_mix, 0.5)
+            for matrix in (module.A, module.B, module.C):
+                init.normal_(matrix, mean=0.0, std=0.01)
+            init.constant_(module.D, 0.1)
+        elif isinstance(module, I3WkvTimeMix):  # the published init
+            init.uniform_(module.time_decay, -6.0, -3.0)
+            for constant in (module.time_first, module.time_mix_k, module.time_mix_v, module.time_mix_r):
+                init.ones_(constant)
+        elif isinstance(module, I3WkvChannelMix):
+            init.ones_(module.time_mix_k)
+            init.ones_(module.time_mix_r)
 
 
 class I3Model(I3PreTrainedModel):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import i3_ssm_loop
+from reference import i3_ssm_loop, open_i3_loop, wkv4_loop
 
 from i3.modeling_i3 import i3_scan_chunked, i3_scan_step
 
@@ -96,3 +96,140 @@ def test_i3_chunked_long_sequence_is_stable():
     actual = run_chunked(inputs, 64)
     torch.testing.assert_close(actual[0], expected[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(actual[1], expected[1], atol=1e-4, rtol=1e-4)
+
+
+def open_i3_inputs(seq_len, with_state, seed=0, batch=2, width=6, state=4):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
+
+    # w_mix outside (0, 1) and A with spectral radius near 1: the published weights are unconstrained
+    return dict(
+        x=randn(batch, seq_len, width),
+        w_mix=randn(width, scale=0.7),
+        A=randn(state, state, scale=0.45),
+        B=randn(state, width),
+        C=randn(width, state),
+        D=randn(width),
+        initial_average=randn(batch, width) if with_state else None,
+        initial_state=randn(batch, state) if with_state else None,
+    )
+
+
+def open_i3_chunked(inputs, chunk_size):
+    from i3.modeling_i3 import lti_scan_chunked
+
+    x, w_mix = inputs["x"], inputs["w_mix"]
+    averages, average = lti_scan_chunked((1 - w_mix) * x, w_mix, chunk_size=chunk_size,
+                                         initial_state=inputs["initial_average"])
+    states, state = lti_scan_chunked(x @ inputs["B"].T, inputs["A"], chunk_size=chunk_size,
+                                     initial_state=inputs["initial_state"])
+    return states @ inputs["C"].T + inputs["D"] * averages, average, state
+
+
+def open_i3_steps(inputs):
+    from i3.modeling_i3 import lti_scan_step
+
+    x, w_mix = inputs["x"], inputs["w_mix"]
+    average = inputs["initial_average"]
+    state = inputs["initial_state"]
+    average = x.new_zeros(x.shape[0], x.shape[2]) if average is None else average
+    state = x.new_zeros(x.shape[0], inputs["A"].shape[0]) if state is None else state
+    ys = []
+    for t in range(x.shape[1]):
+        xt = x[:, t : t + 1]
+        h, average = lti_scan_step((1 - w_mix) * xt, w_mix, initial_state=average)
+        s, state = lti_scan_step(xt @ inputs["B"].T, inputs["A"], initial_state=state)
+        ys.append(s @ inputs["C"].T + inputs["D"] * h)
+    return torch.cat(ys, dim=1), average, state
+
+
+def assert_outputs_and_grads_close(actual, expected, inputs, atol=1e-5):
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+    leaves = [value for value in inputs.values() if value is not None and value.requires_grad]
+
+    def grads(outputs):
+        loss = sum((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() for out in outputs)
+        return torch.autograd.grad(loss, leaves)
+
+    for got, want in zip(grads(actual), grads(expected)):
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("seq_len", LENGTHS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8])
+def test_open_i3_chunked_matches_loop(seq_len, with_state, chunk_size):
+    """The chunked open-i3 recurrence (EMA + LTI state) gives the loop's outputs, final states and gradients."""
+    inputs = open_i3_inputs(seq_len, with_state)
+    assert_outputs_and_grads_close(open_i3_chunked(inputs, chunk_size), open_i3_loop(**inputs), inputs)
+
+
+@pytest.mark.parametrize("seq_len", LENGTHS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_open_i3_step_matches_loop(seq_len, with_state):
+    """Single steps of the open-i3 recurrence give the loop's outputs, final states and gradients."""
+    inputs = open_i3_inputs(seq_len, with_state, seed=1)
+    assert_outputs_and_grads_close(open_i3_steps(inputs), open_i3_loop(**inputs), inputs)
+
+
+def wkv_inputs(seq_len, with_state, seed=0, batch=2, width=6):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=generator) * scale + shift).requires_grad_()
+
+    state = None
+    if with_state:
+        state = torch.stack([torch.randn(batch, width, generator=generator),
+                             torch.rand(batch, width, generator=generator) + 0.5,
+                             torch.randn(batch, width, generator=generator) * 3], dim=1).requires_grad_()
+    # large keys (up to ~20) exercise the max-shift that keeps exp from overflowing
+    return dict(k=randn(batch, seq_len, width, scale=6.0), v=randn(batch, seq_len, width),
+                time_decay=randn(width, scale=1.5, shift=-1.0), time_first=randn(width), initial_state=state)
+
+
+def comparable_state(state):
+    """(aa, bb, pp) is unique only up to the shared exponent: compare the log-sums it stands for, and aa/bb."""
+    aa, bb, pp = state.unbind(1)
+    return torch.log(bb) + pp, aa / bb
+
+
+@pytest.mark.parametrize("seq_len", LENGTHS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8])
+def test_wkv4_chunked_matches_loop(seq_len, with_state, chunk_size):
+    """The chunked WKV gives the stable loop's outputs, final state and gradients, with keys large enough to
+    overflow a naive exp."""
+    from i3.modeling_i3 import wkv4_scan_chunked
+
+    inputs = wkv_inputs(seq_len, with_state)
+    wkv, state = wkv4_loop(**inputs)
+    wkv_chunked, state_chunked = wkv4_scan_chunked(**{**inputs, "chunk_size": chunk_size})
+    assert_outputs_and_grads_close(
+        (wkv_chunked, *comparable_state(state_chunked)), (wkv, *comparable_state(state)), inputs, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("seq_len", LENGTHS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_wkv4_step_matches_loop(seq_len, with_state):
+    """Single WKV steps from the cached state give the loop's outputs, final state and gradients."""
+    from i3.modeling_i3 import wkv4_scan_step
+
+    inputs = wkv_inputs(seq_len, with_state, seed=1)
+    wkv, state = wkv4_loop(**inputs)
+    step_state = inputs["initial_state"]
+    if step_state is None:
+        zeros = torch.zeros(inputs["k"].shape[0], inputs["k"].shape[2])
+        step_state = torch.stack([zeros, zeros, zeros - 1e30], dim=1)
+    outputs = []
+    for t in range(seq_len):
+        out, step_state = wkv4_scan_step(inputs["k"][:, t : t + 1], inputs["v"][:, t : t + 1], inputs["time_decay"],
+                                         inputs["time_first"], initial_state=step_state)
+        outputs.append(out)
+    assert_outputs_and_grads_close(
+        (torch.cat(outputs, 1), *comparable_state(step_state)), (wkv, *comparable_state(state)), inputs, atol=1e-4
+    )
