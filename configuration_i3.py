@@ -60,7 +60,7 @@ class I3Config(PreTrainedConfig):
     # recurrent layers
     recurrent_mixer: str = "i3"
     recurrent_num_heads: int = 16
-    expand: int = 2
+    expand: int = 1
     state_size: int = 32
     conv_kernel: int = 4
     chunk_size: int = 64

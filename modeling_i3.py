@@ -72,10 +72,8 @@ class I3GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * hidden_states.to(input_dtype)) * F.silu(gate)
+        normed = F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], self.weight.float(), self.eps)
+        return normed.to(gate.dtype) * F.silu(gate)
 
 
 class I3RotaryEmbedding(nn.Module):
@@ -163,6 +161,11 @@ def previous_tokens(
 
 
 # --- scan helpers shared by the chunked scans ---
+
+
+def without_autocast(tensor: torch.Tensor):
+    """The scans accumulate in float32: keep autocast from running their einsums in half precision."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def split_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -285,7 +288,7 @@ class I3RecurrentMixer(nn.Module):
 
         # 1. token shift: m_t = x_t + mu (x_{t-1} - x_t)
         previous = previous_tokens(hidden_states, cache, self.layer_idx, self.STATE_SHIFT)
-        mixed = hidden_states + self.time_mix * (previous - hidden_states)
+        mixed = torch.lerp(hidden_states, previous, self.time_mix)
 
         # 2. [u, z] = W_in m
         u, z = self.in_proj(mixed).chunk(2, dim=-1)
@@ -300,12 +303,13 @@ class I3RecurrentMixer(nn.Module):
         dt = zero_padding(F.softplus((dt + self.dt_bias).float()), attention_mask)
         log_a = -torch.exp(self.A_log.float()) * dt
         u_heads = u.reshape(batch, seq_len, self.num_heads, self.head_dim)
-        if ssm_state is not None and seq_len == 1:
-            y, ssm_state = i3_scan_step(u_heads, dt, log_a, B, C, self.D, initial_state=ssm_state)
-        else:
-            y, ssm_state = i3_scan_chunked(
-                u_heads, dt, log_a, B, C, self.D, chunk_size=self.chunk_size, initial_state=ssm_state
-            )
+        with without_autocast(u):
+            if ssm_state is not None and seq_len == 1:
+                y, ssm_state = i3_scan_step(u_heads, dt, log_a, B, C, self.D, initial_state=ssm_state)
+            else:
+                y, ssm_state = i3_scan_chunked(
+                    u_heads, dt, log_a, B, C, self.D, chunk_size=self.chunk_size, initial_state=ssm_state
+                )
         if cache is not None:
             cache.update_recurrent_state(ssm_state, self.layer_idx, self.STATE_SSM)
 
@@ -403,18 +407,20 @@ class I3LtiMixer(nn.Module):
         x = zero_padding(hidden_states, attention_mask).float()
         average = average[..., 0] if average is not None else None
 
-        ema_input, state_input = (1 - self.w_mix.float()) * x, x @ self.B.float().T
-        if state is not None and x.shape[1] == 1:
-            averages, average = lti_scan_step(ema_input, self.w_mix, initial_state=average)
-            states, state = lti_scan_step(state_input, self.A, initial_state=state)
-        else:
-            averages, average = lti_scan_chunked(ema_input, self.w_mix, chunk_size=self.chunk_size,
-                                                 initial_state=average)
-            states, state = lti_scan_chunked(state_input, self.A, chunk_size=self.chunk_size, initial_state=state)
+        with without_autocast(x):
+            ema_input, state_input = (1 - self.w_mix.float()) * x, x @ self.B.float().T
+            if state is not None and x.shape[1] == 1:
+                averages, average = lti_scan_step(ema_input, self.w_mix, initial_state=average)
+                states, state = lti_scan_step(state_input, self.A, initial_state=state)
+            else:
+                averages, average = lti_scan_chunked(ema_input, self.w_mix, chunk_size=self.chunk_size,
+                                                     initial_state=average)
+                states, state = lti_scan_chunked(state_input, self.A, chunk_size=self.chunk_size,
+                                                 initial_state=state)
+            y = states @ self.C.float().T + self.D.float() * averages
         if cache is not None:
             cache.update_conv_state(average[..., None], self.layer_idx, self.STATE, conv_kernel_size=1)
             cache.update_recurrent_state(state, self.layer_idx, self.STATE)
-        y = states @ self.C.float().T + self.D.float() * averages
         return y.to(hidden_states.dtype)
 
 
@@ -533,11 +539,12 @@ class I3WkvTimeMix(nn.Module):
         r = torch.sigmoid(self.receptance(x * self.time_mix_r + previous * (1 - self.time_mix_r)))
         if attention_mask is not None:  # a padded step must carry no weight in the WKV sums
             k = k.float().masked_fill(~attention_mask.bool()[..., None], WKV_EMPTY_LOG)
-        if state is not None and x.shape[1] == 1:
-            wkv, state = wkv4_scan_step(k, v, self.time_decay, self.time_first, initial_state=state)
-        else:
-            wkv, state = wkv4_scan_chunked(k, v, self.time_decay, self.time_first, chunk_size=self.chunk_size,
-                                           initial_state=state)
+        with without_autocast(x):
+            if state is not None and x.shape[1] == 1:
+                wkv, state = wkv4_scan_step(k, v, self.time_decay, self.time_first, initial_state=state)
+            else:
+                wkv, state = wkv4_scan_chunked(k, v, self.time_decay, self.time_first, chunk_size=self.chunk_size,
+                                               initial_state=state)
         if cache is not None:
             cache.update_recurrent_state(state, self.layer_idx, self.STATE)
         return self.output(r * wkv.to(r.dtype))

@@ -1,0 +1,194 @@
+"""Speed and memory of i3 against a same-shape Llama, measured in one run on the same machine.
+
+    python benchmarks/bench_model.py                 # everything, prints markdown tables
+    python benchmarks/bench_model.py --only decode   # one part: scan, train or decode
+
+Parts:
+  scan    the i3 selective scan, chunked vs a per-step loop, forward + backward, batch 4 x 1,024 tokens
+  train   training-step tokens/s (forward, backward, AdamW) of the root config.json vs a transformers
+          LlamaForCausalLM of the same width, depth, heads and vocabulary, with its MLP sized to a comparable
+          parameter count; batch 4 x 256, float32 and bf16 autocast
+  decode  greedy decoding tokens/s and cache bytes after prompts of 256, 1,024 and 4,096 tokens, batch 1
+
+Timings alternate between the two models and report medians, so background load hits both alike; compare the
+ratios, not the absolute numbers.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if "i3" not in sys.modules:  # the model files use package-relative imports, as transformers' custom code does
+    package = types.ModuleType("i3")
+    package.__path__ = [str(REPO_ROOT)]
+    sys.modules["i3"] = package
+
+from i3.configuration_i3 import I3Config  # noqa: E402
+from i3.modeling_i3 import I3ForCausalLM, i3_scan_chunked, i3_scan_step  # noqa: E402
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matching_llama(config: I3Config, target_parameters: int) -> LlamaForCausalLM:
+    """A Llama with i3's width, depth, heads and vocabulary, its MLP width chosen to match `target_parameters`."""
+
+    def build(intermediate_size):
+        return LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_attention_heads,
+            intermediate_size=intermediate_size, max_position_embeddings=8192, tie_word_embeddings=False,
+        )
+
+    with torch.device("meta"):
+        base = count_parameters(LlamaForCausalLM(build(0)))
+    per_unit = 3 * config.hidden_size * config.num_hidden_layers  # gate, up and down projections
+    intermediate = round((target_parameters - base) / per_unit / 64) * 64
+    return LlamaForCausalLM(build(intermediate))
+
+
+def alternate(timers: dict, repeats: int) -> dict:
+    """Run each timer `repeats` times, interleaved, and return the median seconds of each."""
+    samples = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            samples[name].append(timer())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_scan(repeats: int):
+    """The chunked scan against the same recurrence stepped token by token, forward + backward."""
+    batch, seq_len, heads, head_dim, state = 4, 1024, 16, 64, 32
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(batch, seq_len, heads, head_dim, generator=generator).requires_grad_()
+    dt = torch.rand(batch, seq_len, heads, generator=generator).mul(0.1).requires_grad_()
+    B = torch.randn(batch, seq_len, state, generator=generator).requires_grad_()
+    C = torch.randn(batch, seq_len, state, generator=generator).requires_grad_()
+    A_log = torch.zeros(heads).requires_grad_()
+    D = torch.ones(heads).requires_grad_()
+
+    def chunked():
+        y, _ = i3_scan_chunked(u, dt, -A_log.exp() * dt, B, C, D, chunk_size=64)
+        y.sum().backward()
+
+    def loop():
+        state_now = u.new_zeros(batch, heads, head_dim, state)
+        log_a = -A_log.exp() * dt
+        ys = []
+        for t in range(seq_len):
+            step = slice(t, t + 1)
+            y, state_now = i3_scan_step(u[:, step], dt[:, step], log_a[:, step], B[:, step], C[:, step], D,
+                                        initial_state=state_now)
+            ys.append(y)
+        torch.cat(ys, 1).sum().backward()
+
+    seconds = alternate({"chunked": lambda: timed(chunked), "loop": lambda: timed(loop)}, repeats)
+    print("\n### i3 scan, forward + backward, batch 4 x 1,024 tokens, 16 heads x 64, state 32\n")
+    print("| evaluation | seconds | speed-up |\n|---|---|---|")
+    print(f"| per-step loop | {seconds['loop']:.3f} | 1.0x |")
+    print(f"| chunked (64) | {seconds['chunked']:.3f} | {seconds['loop'] / seconds['chunked']:.1f}x |")
+
+
+def bench_train(models: dict, repeats: int, batch: int = 4, seq_len: int = 256):
+    """Training-step throughput: forward, backward and an AdamW step, in float32 and under bf16 autocast."""
+    ids = torch.randint(4, 32000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    print(f"\n### Training step, batch {batch} x {seq_len} tokens (tokens/s, higher is better)\n")
+    print("| precision | i3 | Llama | i3 / Llama |\n|---|---|---|---|")
+    for precision in ("fp32", "bf16"):
+        timers = {}
+        for name, model in models.items():
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(model=model, optimizer=optimizer):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = model(ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            step()  # warm-up: allocations, optimizer state
+            timers[name] = lambda step=step: timed(step)
+        seconds = alternate(timers, repeats)
+        rates = {name: batch * seq_len / s for name, s in seconds.items()}
+        print(f"| {precision} | {rates['i3']:.0f} | {rates['Llama']:.0f} | {rates['i3'] / rates['Llama']:.2f}x |")
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    """Bytes held by every key, value, conv and recurrent tensor of the cache."""
+    total = 0
+    for layer in cache.layers:
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        tensors += list(getattr(layer, "conv_states", {}).values()) + list(getattr(layer, "recurrent_states", {}).values())
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+@torch.inference_mode()
+def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, int]:
+    """Prefill `prompt`, then greedy-decode `new_tokens` one at a time; returns decode seconds and cache bytes."""
+    cache = DynamicCache(config=model.config)
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    memory = cache_bytes(cache)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        next_token = logits.argmax(-1, keepdim=True)
+        logits = model(next_token, past_key_values=cache, use_cache=True).logits[:, -1]
+    return time.perf_counter() - start, memory
+
+
+def bench_decode(models: dict, repeats: int, new_tokens: int = 32):
+    print(f"\n### Greedy decoding after a prompt, batch 1, {new_tokens} new tokens, float32\n")
+    print("| prompt | i3 tokens/s | Llama tokens/s | speed i3 / Llama | i3 cache | Llama cache | memory i3 / Llama |")
+    print("|---|---|---|---|---|---|---|")
+    for prompt_len in (256, 1024, 4096):
+        prompt = torch.randint(4, 32000, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        results = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                results[name].append(decode(model.eval(), prompt, new_tokens))
+        rate = {name: new_tokens / statistics.median(s for s, _ in runs) for name, runs in results.items()}
+        memory = {name: runs[0][1] for name, runs in results.items()}
+        print(f"| {prompt_len:,} | {rate['i3']:.1f} | {rate['Llama']:.1f} | {rate['i3'] / rate['Llama']:.2f}x "
+              f"| {memory['i3'] / 2**20:.1f} MiB | {memory['Llama'] / 2**20:.1f} MiB "
+              f"| {memory['i3'] / memory['Llama']:.2f}x |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["scan", "train", "decode"], help="run one part only")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per model (median reported)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = I3Config.from_pretrained(REPO_ROOT)
+    i3 = I3ForCausalLM(config)
+    llama = matching_llama(config, count_parameters(i3))
+    models = {"i3": i3, "Llama": llama}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"i3 (root config.json): {count_parameters(i3):,} parameters; Llama (intermediate "
+          f"{llama.config.intermediate_size}): {count_parameters(llama):,} parameters")
+    if args.only in (None, "scan"):
+        bench_scan(args.repeats)
+    if args.only in (None, "train"):
+        bench_train(models, args.repeats)
+    if args.only in (None, "decode"):
+        bench_decode(models, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
