@@ -49,9 +49,9 @@ def matching_llama(config: I3Config, target_parameters: int) -> LlamaForCausalLM
         )
 
     with torch.device("meta"):
-        base = count_parameters(LlamaForCausalLM(build(0)))
+        base = count_parameters(LlamaForCausalLM(build(64)))
     per_unit = 3 * config.hidden_size * config.num_hidden_layers  # gate, up and down projections
-    intermediate = round((target_parameters - base) / per_unit / 64) * 64
+    intermediate = 64 + round((target_parameters - base) / per_unit / 64) * 64
     return LlamaForCausalLM(build(intermediate))
 
 
