@@ -299,3 +299,20 @@ def test_config_round_trips():
     """A saved config loads back field for field."""
     config = tiny_config(position_embedding_type="learned", low_rank=4)
     assert I3Config.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_eager_attention_equals_sdpa_and_records_outputs():
+    """The eager attention path gives sdpa's logits on a padded batch, and records attentions and hidden states."""
+    model = tiny_model()
+    ids = random_ids(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        sdpa = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("eager")
+        eager = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    torch.testing.assert_close(eager.logits[1], sdpa[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager.logits[0, 3:], sdpa[0, 3:], atol=1e-5, rtol=1e-5)
+    assert len(eager.hidden_states) == 1 + model.config.num_hidden_layers
+    assert [a.shape for a in eager.attentions] == [(2, 4, 9, 9)] * 2  # the two attention layers
+    torch.testing.assert_close(eager.attentions[0].sum(-1)[1], torch.ones(4, 9))
