@@ -15,6 +15,7 @@ from i3.configuration_i3 import I3Config
 from i3.modeling_i3 import I3ForCausalLM
 
 POSITION_TYPES = ["rope", "learned"]
+MIXERS = ["i3", "open-i3", "rwkv4"]
 
 
 def random_ids(batch, length, seed=0, vocab=99):
@@ -22,9 +23,10 @@ def random_ids(batch, length, seed=0, vocab=99):
 
 
 @pytest.mark.parametrize("position_embedding_type", POSITION_TYPES)
-def test_full_forward_equals_token_by_token(position_embedding_type):
+@pytest.mark.parametrize("recurrent_mixer", MIXERS)
+def test_full_forward_equals_token_by_token(recurrent_mixer, position_embedding_type):
     """Logits of one pass over 13 tokens equal feeding a 5-token prefill then single tokens through the cache."""
-    model = tiny_model(position_embedding_type=position_embedding_type)
+    model = tiny_model(recurrent_mixer=recurrent_mixer, position_embedding_type=position_embedding_type)
     ids = random_ids(2, 13)
     with torch.no_grad():
         expected = model(ids).logits
@@ -35,9 +37,10 @@ def test_full_forward_equals_token_by_token(position_embedding_type):
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_prefill_in_several_chunks_equals_one_pass():
+@pytest.mark.parametrize("recurrent_mixer", MIXERS)
+def test_prefill_in_several_chunks_equals_one_pass(recurrent_mixer):
     """Continuing a multi-token forward from the cache (chunked prefill) gives the same logits as one pass."""
-    model = tiny_model()
+    model = tiny_model(recurrent_mixer=recurrent_mixer)
     ids = random_ids(2, 19)
     with torch.no_grad():
         expected = model(ids).logits
@@ -81,9 +84,10 @@ def test_greedy_generate_equals_argmax_loop():
 
 
 @pytest.mark.parametrize("position_embedding_type", POSITION_TYPES)
-def test_left_padded_batch_generates_as_each_prompt_alone(position_embedding_type):
+@pytest.mark.parametrize("recurrent_mixer", MIXERS)
+def test_left_padded_batch_generates_as_each_prompt_alone(recurrent_mixer, position_embedding_type):
     """Prompts of lengths 3, 8 and 12, left-padded into one batch, generate exactly what each does alone."""
-    model = tiny_model(seed=1, position_embedding_type=position_embedding_type)
+    model = tiny_model(seed=1, recurrent_mixer=recurrent_mixer, position_embedding_type=position_embedding_type)
     prompts = [random_ids(1, length, seed=length)[0] for length in (3, 8, 12)]
     width = max(len(p) for p in prompts)
     pad = model.config.pad_token_id
