@@ -320,3 +320,26 @@ def test_eager_attention_equals_sdpa_and_records_outputs():
     assert len(eager.hidden_states) == 1 + model.config.num_hidden_layers
     assert [a.shape for a in eager.attentions] == [(2, 4, 9, 9)] * 2  # the two attention layers
     torch.testing.assert_close(eager.attentions[0].sum(-1)[1], torch.ones(4, 9))
+
+
+def test_static_cache_generates_as_the_dynamic_cache():
+    """`cache_implementation="static"` (the compile-friendly cache) gives the dynamic cache's greedy tokens."""
+    model = tiny_model()
+    ids = random_ids(2, 7)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))
+
+
+def test_generation_continues_from_returned_cache_and_from_embeddings():
+    """Generating 3 then 3 more tokens from the returned cache equals generating 6; `inputs_embeds` prompts work."""
+    model = tiny_model()
+    ids = random_ids(2, 7)
+    greedy = dict(do_sample=False, eos_token_id=None)
+    first = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True, **greedy)
+    continued = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=3, **greedy)
+    full = model.generate(ids, max_new_tokens=6, **greedy)
+    assert torch.equal(continued, full)
+    from_embeddings = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=6, **greedy)
+    assert torch.equal(from_embeddings, full[:, 7:])
