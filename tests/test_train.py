@@ -1,0 +1,288 @@
+"""train.py end to end: `accelerate launch` with 1 and 2 CPU processes, exports that load, exact resume after SIGKILL,
+held-out text kept out of training, and one-line errors. A tiny model (hidden 32, 2 + 2 layers), 8 steps, offline."""
+
+import importlib.util
+import json
+import lzma
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+from accelerate import Accelerator
+from accelerate.utils import write_basic_config
+
+from conftest import REPO_ROOT, tiny_config
+from i3.tokenization_i3 import split_chunks
+
+spec = importlib.util.spec_from_file_location("train", REPO_ROOT / "train.py")
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+
+MARKER = " zqxjv"  # appended to the held-out file only: chunks Austen never writes
+
+
+class Workspace:
+    """A tiny corpus (two novel openings to train on, one held out), a tiny preset and an accelerate config."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.corpus = root / "corpus"
+        self.corpus.mkdir()
+        for name, size in [("emma", 40_000), ("prideprejudice", 40_000), ("persuasion", 8_000)]:
+            text = lzma.open(REPO_ROOT / "data" / "austen" / f"{name}.txt.xz", "rt", encoding="utf-8").read()[:size]
+            (self.corpus / f"{name}.txt").write_text(text + (MARKER * 300 if name == "persuasion" else ""))
+        self.model_config = root / "tiny.json"
+        tiny_config().to_json_file(self.model_config)
+        self.accelerate_config = root / "accelerate.yaml"
+        write_basic_config(save_location=str(self.accelerate_config))
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "MPLCONFIGDIR": str(root / "mpl"),
+                    "TOKENIZERS_PARALLELISM": "false"}
+        self.launch_env = {**self.env, "ACCELERATE_USE_CPU": "true"}  # with --multi_gpu: DDP over gloo (SPEC 7)
+
+    def args(self, output_dir: Path, *extra: str) -> list[str]:
+        return [
+            "--train_file", str(self.corpus / "emma.txt"), str(self.corpus / "prideprejudice.txt"),
+            "--validation_file", str(self.corpus / "persuasion.txt"), "--model_config", str(self.model_config),
+            "--vocab_size", "400", "--tokenizer_cache_dir", str(self.root / "tokenizers"), "--block_size", "32",
+            "--per_device_train_batch_size", "4", "--max_train_steps", "8", "--num_warmup_steps", "2",
+            "--eval_steps", "4", "--checkpointing_steps", "4", "--sample_prompts", "It is", "--max_new_tokens", "8",
+            "--output_dir", str(output_dir), *extra,
+        ]
+
+    def launch_command(self, args: list[str], processes: int = 1) -> list[str]:
+        distributed = ["--multi_gpu"] if processes > 1 else []
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(self.accelerate_config),
+                *distributed, "--num_processes", str(processes), str(REPO_ROOT / "train.py"), *args]
+
+    def launch(self, args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+        result = subprocess.run(self.launch_command(args, processes), env=self.launch_env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        return result
+
+
+def results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+def decode_blocks(tokenizer, blocks) -> str:
+    return tokenizer.decode([token for block in blocks for token in block["input_ids"]])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    return Workspace(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="module")
+def single_run(workspace) -> Path:
+    output_dir = workspace.root / "single"
+    workspace.launch(workspace.args(output_dir))
+    return output_dir
+
+
+@pytest.fixture
+def in_process_cache(workspace, monkeypatch):
+    """Runs train.py's functions in this process with the datasets cache in the workspace, not the home folder."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(workspace.root / "hf" / "datasets"))
+
+
+def test_one_process_run_writes_a_hub_ready_folder(single_run):
+    """One launched process exports safetensors, config and tokenizer with auto_map, the code files, a generation
+    config, a loss plot and a model card carrying the held-out bits per byte."""
+    files = {path.name for path in single_run.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "README.md",
+            "loss.png", "configuration_i3.py", "modeling_i3.py", "tokenization_i3.py"} <= files
+    assert "AutoModelForCausalLM" in json.loads((single_run / "config.json").read_text())["auto_map"]
+    assert "AutoTokenizer" in json.loads((single_run / "tokenizer_config.json").read_text())["auto_map"]
+    metrics = results(single_run)
+    card = (single_run / "README.md").read_text()
+    assert f"{metrics['bits_per_byte']:.4f}" in card and "loss.png" in card and "custom_code" in card
+    assert metrics["train_tokens"] == 8 * 4 * 32 and 0 < metrics["bits_per_byte"] < 10
+
+
+def test_export_loads_in_a_text_generation_pipeline(workspace, single_run):
+    """A fresh process loads the export with `pipeline("text-generation", trust_remote_code=True)` and generates."""
+    code = (
+        "from transformers import pipeline\n"
+        f"generator = pipeline('text-generation', model={str(single_run)!r}, trust_remote_code=True)\n"
+        "print('GENERATED', repr(generator('It is a truth', max_new_tokens=5)[0]['generated_text']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=workspace.env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GENERATED 'It is a truth" in result.stdout
+
+
+def test_two_processes_see_the_same_global_batches(workspace, single_run):
+    """Two DDP CPU processes with half the per-device batch train on the same global batches as one process, so they
+    end at the same losses (and the log shows that two processes really ran)."""
+    output_dir = workspace.root / "two"
+    result = workspace.launch(workspace.args(output_dir, "--per_device_train_batch_size", "2"), processes=2)
+    assert "2 process(es)" in result.stderr
+    one, two = results(single_run), results(output_dir)
+    assert two["train_tokens"] == one["train_tokens"]
+    for key in ("train_loss", "eval_loss", "bits_per_byte"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
+
+
+def test_killed_run_resumes_to_the_same_final_loss(workspace, single_run):
+    """A run SIGKILLed right after a checkpoint and resumed from "latest" ends with exactly the losses of a run that
+    was never interrupted (same weights, optimizer, schedule, data order)."""
+    output_dir = workspace.root / "killed"
+    args = workspace.args(output_dir, "--checkpointing_steps", "2")
+    process = subprocess.Popen(workspace.launch_command(args), env=workspace.launch_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in process.stdout:
+        if "checkpoint" in line and "step_2" in line:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (output_dir / "checkpoints" / "step_2").is_dir() and not (output_dir / "model.safetensors").exists()
+
+    workspace.launch(args + ["--resume_from_checkpoint", "latest"])
+    resumed, uninterrupted = results(output_dir), results(single_run)
+    for key in ("train_loss", "eval_loss", "bits_per_byte", "train_tokens"):
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_partial_checkpoint_is_never_latest(tmp_path):
+    """A save interrupted mid-write leaves only a hidden partial folder, so "latest" is the newest complete one."""
+    (tmp_path / "step_2").mkdir()
+    (tmp_path / "step_10").mkdir()
+    (tmp_path / ".partial-step_12").mkdir()
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "step_10"
+    assert train.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_held_out_text_reaches_neither_training_nor_the_vocabulary(workspace, in_process_cache):
+    """The held-out file's text is in no training block and shaped no vocabulary entry, though it is evaluated (a
+    vocabulary built with it would have learned its repeated marker)."""
+    args = train.parse_args(workspace.args(workspace.root / "unused"))
+    tokenizer, train_loader, eval_loader, eval_bytes = train.build_dataloaders(args, Accelerator(cpu=True))
+    training_text = decode_blocks(tokenizer, train_loader.dataset.with_format(None))
+    scored = [label for window in eval_loader.dataset for label in window["labels"][1:] if label != -100]
+    held_out_text = tokenizer.decode(scored)
+    held_out_file = (workspace.corpus / "persuasion.txt").read_text()
+    assert MARKER not in training_text and "Emma Woodhouse" in training_text
+    assert held_out_text == held_out_file + tokenizer.eos_token and held_out_file[:300] not in training_text
+    assert eval_bytes == len(held_out_file.encode())
+    texts = [(workspace.corpus / f"{name}.txt").read_text() for name in ("emma", "prideprejudice", "persuasion")]
+    marker_chunks = set(split_chunks(held_out_file)) - set(split_chunks(texts[0] + texts[1]))
+    assert marker_chunks and not marker_chunks & set(tokenizer.get_vocab())
+    with_held_out = train.build_tokenizer("chunk", texts, 400, workspace.root / "tokenizers")
+    assert marker_chunks & set(with_held_out.get_vocab())
+
+
+def test_every_held_out_token_is_scored_once():
+    """Evaluation windows overlap by one token, so each token after the leading EOS is a label exactly once."""
+    documents = [list(range(10, 27)), list(range(30, 35))]
+    windows = train.evaluation_windows(documents, block_size=8, eos_id=3)
+    scored = [label for window in windows for label in window["labels"][1:] if label != -100]
+    assert scored == [*documents[0], *documents[1]]
+    assert all(len(window["input_ids"]) == 8 for window in windows)
+
+
+def test_chat_messages_are_rendered_with_the_chat_template(workspace, in_process_cache, tmp_path):
+    """A --messages_column is rendered with the tokenizer's chat template into the same text apply_chat_template gives,
+    then ends with the end-of-text token like any document."""
+    conversations = [["Hello", "Hi"], ["How are you doing?", "Very well, thanks."]] * 50
+    rows = [{"messages": [{"role": role, "content": text} for role, text in zip(["user", "assistant"], turns)]}
+            for turns in conversations]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = train.parse_args(["--train_file", str(tmp_path / "chat.jsonl"), "--messages_column", "messages",
+                             "--vocab_size", "290", "--tokenizer_cache_dir", str(tmp_path), "--block_size", "16",
+                             "--model_config", str(workspace.model_config), "--output_dir", str(tmp_path / "out")])
+    tokenizer, train_loader, eval_loader, _ = train.build_dataloaders(args, Accelerator(cpu=True))
+    stream = decode_blocks(tokenizer, train_loader.dataset.with_format(None))
+    first = tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False) + tokenizer.eos_token
+    assert stream.startswith(first) and first.startswith("User: Hello\nAssistant: Hi")
+    assert eval_loader is None
+
+
+def test_two_sources_stream_interleaved_with_their_probabilities(workspace, in_process_cache, tmp_path):
+    """Two dataset folders, loaded by name as Hub datasets are, each with its own text column, are streamed and mixed
+    by probability for training, while both validation splits are evaluated and never trained on."""
+    for name, column, size in [("stories", "story", 300), ("facts", "text", 300)]:
+        (tmp_path / name).mkdir()
+        for split in ("train", "validation"):
+            lines = [json.dumps({column: f"{name} {split} {i}."}) + "\n" for i in range(size if split == "train" else 3)]
+            (tmp_path / name / f"{split}.jsonl").write_text("".join(lines))
+    mixture = [{"dataset_name": str(tmp_path / "stories"), "text_column": "story", "probability": 0.8},
+               {"dataset_name": str(tmp_path / "facts"), "probability": 0.2}]
+    args = train.parse_args(["--datasets", json.dumps(mixture), "--streaming", "--vocab_size", "300",
+                             "--tokenizer_cache_dir", str(tmp_path), "--block_size", "16",
+                             "--model_config", str(workspace.model_config), "--output_dir", str(tmp_path / "out")])
+    tokenizer, train_loader, eval_loader, _ = train.build_dataloaders(args, Accelerator(cpu=True))
+    blocks = [block for block, _ in zip(train_loader.dataset.with_format(None), range(60))]
+    training_text = decode_blocks(tokenizer, blocks)
+    assert training_text.count("stories train") > 2 * training_text.count("facts train") > 0
+    assert "validation" not in training_text
+    scored = [label for window in eval_loader.dataset for label in window["labels"][1:] if label != -100]
+    assert "stories validation 2." in tokenizer.decode(scored) and "facts validation 0." in tokenizer.decode(scored)
+
+
+def test_recipes_parse_with_their_hub_mixture_and_flags_win():
+    """The published recipes name existing presets and a weighted Hub mixture, and command-line flags override them."""
+    args = train.parse_args(["--config", str(REPO_ROOT / "recipes" / "i3-80m.yaml"), "--learning_rate", "1e-3",
+                             "--output_dir", "unused"])
+    assert args.learning_rate == 1e-3 and args.max_train_steps == 5000 and args.vocab_size == 35560
+    assert [s["dataset_name"] for s in args.datasets] == [
+        "roneneldan/TinyStories", "starhopp3r/TinyChat", "agentlans/high-quality-english-sentences"]
+    assert sum(s["probability"] for s in args.datasets) == pytest.approx(1.0)
+    args = train.parse_args(["--config", str(REPO_ROOT / "recipes" / "i3-200m.yaml"), "--output_dir", "unused"])
+    assert args.tokenizer_type == "bpe" and args.model.recurrent_mixer == "rwkv4" and len(args.datasets) == 4
+
+
+def test_missing_files_name_the_argument(tmp_path):
+    """A missing data file, preset or recipe stops in one line that names the argument."""
+    for flag in ("--train_file", "--model_config", "--config"):
+        with pytest.raises(SystemExit) as stop:
+            train.parse_args([flag, str(tmp_path / "absent.txt"), "--output_dir", str(tmp_path)])
+        assert str(stop.value.code).startswith(f"error: {flag} ") and "no such file" in str(stop.value.code)
+
+
+def test_block_size_above_learned_positions_is_refused(workspace, tmp_path):
+    """A --block_size past a learned-position model's max_position_embeddings is refused before any data is read."""
+    learned = tmp_path / "learned.json"
+    tiny_config(position_embedding_type="learned", max_position_embeddings=16).to_json_file(learned)
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--model_config", str(learned), "--block_size", "32", "--output_dir", str(tmp_path)])
+    assert str(stop.value.code).startswith("error: --block_size 32 is above the model's learned positions")
+
+
+def test_unreachable_hub_dataset_offline_names_the_argument(workspace, in_process_cache, tmp_path):
+    """A Hub dataset that cannot be reached offline stops in one line naming --dataset_name and the offline mode."""
+    args = train.parse_args(["--dataset_name", "i3-tests/no-such-dataset", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        train.load_documents(args.datasets[0], "train", args, render_chat=None)
+    message = str(stop.value.code)
+    assert message.startswith("error: --dataset_name 'i3-tests/no-such-dataset' could not be loaded")
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message
+
+
+def test_non_finite_loss_stops_before_the_update(workspace):
+    """A NaN loss stops the run with a message naming the step, before any weight update or export."""
+    output_dir = workspace.root / "diverged"
+    command = [sys.executable, str(REPO_ROOT / "train.py"),
+               *workspace.args(output_dir, "--config_overrides", "initializer_range=1e30")]
+    result = subprocess.run(command, env=workspace.env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: loss is nan at step 1")
+    assert not (output_dir / "model.safetensors").exists()
+
+
+def test_unknown_column_fails_in_one_line_and_keeps_earlier_output(workspace, single_run):
+    """An unknown --text_column exits non-zero with one line naming it and its dataset's columns, and the earlier
+    run's export and checkpoints in the same --output_dir are left untouched."""
+    before = {path: path.stat().st_mtime_ns for path in single_run.rglob("*")}
+    command = [sys.executable, str(REPO_ROOT / "train.py"),
+               *workspace.args(single_run, "--text_column", "foo", "--resume_from_checkpoint", "latest")]
+    result = subprocess.run(command, env=workspace.env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --text_column 'foo' not in dataset columns ['text']")
+    assert {path: path.stat().st_mtime_ns for path in single_run.rglob("*")} == before

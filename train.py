@@ -1,0 +1,709 @@
+"""Pretrain an i3 language model with Accelerate and export a folder ready for `from_pretrained` and the Hub.
+
+    accelerate launch train.py --max_train_steps 20 --config_overrides hidden_size=64 --output_dir out/smoke  # < 1 min
+    accelerate launch train.py                                        # CPU, ~8 min: a small i3 on Jane Austen
+    accelerate launch --mixed_precision bf16 train.py --config recipes/i3-80m.yaml           # one GPU
+    accelerate launch --multi_gpu --num_processes 8 train.py --config recipes/i3-80m.yaml    # 8 GPUs
+    accelerate launch train.py --config recipes/i3-80m.yaml --resume_from_checkpoint latest  # continue a killed run
+
+Without data arguments it trains on five Jane Austen novels (data/austen) and holds Persuasion out. Every document
+ends with the end-of-text token and documents are packed into `--block_size` blocks; the tokenizer is built from the
+training split only. Two CPU processes: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`.
+
+`--output_dir` receives model.safetensors, config.json with the code files (auto_map), the tokenizer,
+generation_config.json, README.md (a model card filled in from the run), loss.png, all_results.json, and
+checkpoints/step_N (written to a hidden folder, then renamed, so "latest" is always complete).
+"""
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import shutil
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import AutoTokenizer, GenerationConfig, default_data_collator, get_scheduler
+from transformers.utils.chat_template_utils import render_jinja_template
+
+REPO_ROOT = Path(__file__).resolve().parent
+if "i3" not in sys.modules:  # the model files use package-relative imports, as transformers' custom code requires
+    package = types.ModuleType("i3")
+    package.__path__ = [str(REPO_ROOT)]
+    sys.modules["i3"] = package
+
+from i3.configuration_i3 import I3Config  # noqa: E402
+from i3.modeling_i3 import I3ForCausalLM, I3LowRankLinear  # noqa: E402
+from i3.tokenization_i3 import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer  # noqa: E402
+
+logger = get_logger(__name__)
+
+AUSTEN = REPO_ROOT / "data" / "austen"
+HELD_OUT_NOVEL = "persuasion.txt.xz"
+SOURCE_KEYS = ("dataset_name", "dataset_config_name", "train_split", "validation_split", "train_file",
+               "validation_file", "text_column", "messages_column", "probability")
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".xz", ".gz", ".bz2", ".zst")
+
+
+def fail(message: str):
+    """Stop with a one-line error that names the argument to fix (exit status 1)."""
+    raise SystemExit(f"error: {message}")
+
+
+# --- arguments ---
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Pretrain an i3 model (commands in the module docstring).")
+    parser.add_argument("--config", help="YAML recipe whose keys are the argument names below; command-line flags win")
+
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model_config", default="configs/i3-austen",
+                       help="I3Config preset: a folder with config.json or a JSON file (vocab size and special "
+                            "token ids come from the tokenizer)")
+    group.add_argument("--config_overrides", help='preset fields to change, e.g. "hidden_size=128,chunk_size=32"')
+    group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
+    group.add_argument("--torch_compile", action="store_true", help="compile the model (inductor) through Accelerate")
+
+    group = parser.add_argument_group("Tokenizer (built from training documents and cached, unless given)")
+    group.add_argument("--tokenizer_name", help="an existing tokenizer folder or Hub id to use instead")
+    group.add_argument("--tokenizer_type", choices=["chunk", "bpe"], default="chunk",
+                       help="chunk: i3's lossless 2-3 character chunks; bpe: byte-level BPE")
+    group.add_argument("--vocab_size", type=int, default=4466, help="size of the built vocabulary")
+    group.add_argument("--tokenizer_max_documents", type=int, default=200_000,
+                       help="build the vocabulary from the first N training documents")
+    group.add_argument("--tokenizer_cache_dir", help="where built vocabularies are cached (default ~/.cache/i3)")
+
+    group = parser.add_argument_group(
+        "Data: --train_file, else --dataset_name, else --datasets (a recipe's mixture), else the Austen novels")
+    group.add_argument("--dataset_name", help="a Hub dataset id, e.g. roneneldan/TinyStories")
+    group.add_argument("--dataset_config_name", help="its configuration, e.g. wikitext-103-raw-v1")
+    group.add_argument("--train_split", default="train", help="split to train on")
+    group.add_argument("--validation_split", default="validation", help='held-out split, or "none"')
+    group.add_argument("--train_file", nargs="+", help="local .txt (one document per file), .json/.jsonl or "
+                                                       ".parquet files, optionally .xz/.gz/.bz2/.zst compressed")
+    group.add_argument("--validation_file", nargs="+", help="local held-out files, same formats")
+    group.add_argument("--text_column", default="text", help="column holding each document's text")
+    group.add_argument("--messages_column", help="column of chat messages [{role, content}, ...], rendered with "
+                                                 "the tokenizer's chat template (instead of --text_column)")
+    group.add_argument("--datasets", type=yaml.safe_load,
+                       help="a list of sources, each with the keys dataset_name, dataset_config_name, train_split, "
+                            "validation_split, train_file, validation_file, text_column, messages_column and "
+                            "probability (mixing weight for datasets.interleave_datasets)")
+    group.add_argument("--streaming", action="store_true", help="stream the datasets instead of downloading them")
+    group.add_argument("--block_size", type=int, default=256, help="tokens per training sequence")
+    group.add_argument("--max_eval_documents", type=int, help="held-out documents per source (default: all)")
+    group.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization (not streaming)")
+
+    group = parser.add_argument_group("Optimization")
+    group.add_argument("--per_device_train_batch_size", type=int, default=8)
+    group.add_argument("--per_device_eval_batch_size", type=int, default=32)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=2e-3, help="peak AdamW learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.1,
+                       help="on linear and conv weight matrices only (not norms, biases, embeddings, recurrences)")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+                       help="default: what `accelerate launch` / `accelerate config` says")
+
+    group = parser.add_argument_group("Schedule")
+    group.add_argument("--max_train_steps", type=int, default=400, help="optimizer steps")
+    group.add_argument("--num_warmup_steps", type=int, default=30)
+    group.add_argument("--lr_scheduler_type", default="cosine_with_min_lr", help="a transformers scheduler name")
+    group.add_argument("--min_lr_rate", type=float, default=0.1, help="cosine_with_min_lr: final lr / peak lr")
+
+    group = parser.add_argument_group("Evaluation")
+    group.add_argument("--eval_steps", type=int, default=200, help="evaluate and print samples every N steps")
+    group.add_argument("--sample_prompts", nargs="*", default=["It is a truth universally acknowledged",
+                                                                "Emma Woodhouse, handsome, clever, and rich,"])
+    group.add_argument("--max_new_tokens", type=int, default=64, help="length of the printed samples")
+
+    group = parser.add_argument_group("Checkpointing")
+    group.add_argument("--checkpointing_steps", type=int, default=200, help="save_state every N steps (0: never)")
+    group.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the newest N (0: all)")
+    group.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" in --output_dir')
+
+    group = parser.add_argument_group("Output")
+    group.add_argument("--output_dir", default="out/i3-austen")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--with_tracking", action="store_true", help="log metrics to --report_to trackers")
+    group.add_argument("--report_to", default="all", help='"tensorboard", "wandb", ... or "all" installed')
+    group.add_argument("--push_to_hub", action="store_true", help="upload --output_dir to --hub_model_id")
+    group.add_argument("--hub_model_id", help="user/name on the Hub (default: the --output_dir name)")
+
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_recipe(known.config, {action.dest for action in parser._actions}))
+    args = parser.parse_args(argv)
+    args.command = shlex.join(sys.argv[1:] if argv is None else argv)
+    args.model_config = str(existing_path(args.model_config, "--model_config"))
+    args.model = model_config(args)
+    args.datasets = data_sources(args)
+    checkpoint_dir = Path(args.output_dir) / "checkpoints"
+    if not args.resume_from_checkpoint and latest_checkpoint(checkpoint_dir):
+        fail(f"--output_dir {args.output_dir} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
+             "latest to continue it, or choose another --output_dir")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+    return args
+
+
+def read_recipe(path: str, argument_names: set[str]) -> dict:
+    recipe = yaml.safe_load(existing_path(path, "--config").read_text()) or {}
+    unknown = sorted(set(recipe) - argument_names)
+    if unknown:
+        fail(f"--config {path}: unknown keys {unknown}; the keys are this script's argument names")
+    return recipe
+
+
+def existing_path(path: str, flag: str) -> Path:
+    """`path` as given, or relative to the repository (so recipes work from any directory)."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.exists():
+            return candidate
+    fail(f"{flag} {path!r}: no such file or folder")
+
+
+def data_sources(args) -> list[dict]:
+    """The training mixture as a list of sources with every key of SOURCE_KEYS, from the first data argument given."""
+    flags = {key: getattr(args, key, None) for key in SOURCE_KEYS}
+    if args.train_file or args.dataset_name:
+        sources = [flags]
+    elif args.datasets:
+        shared = {key: flags[key] for key in ("train_split", "validation_split", "text_column", "messages_column")}
+        sources = [{**dict.fromkeys(SOURCE_KEYS), **shared, **entry} for entry in args.datasets]
+    else:
+        novels = sorted(str(path) for path in AUSTEN.glob("*.txt.xz") if path.name != HELD_OUT_NOVEL)
+        sources = [{**flags, "train_file": novels, "validation_file": [str(AUSTEN / HELD_OUT_NOVEL)]}]
+    for source in sources:
+        unknown = sorted(set(source) - set(SOURCE_KEYS))
+        if unknown:
+            fail(f"--datasets entry {source.get('dataset_name')!r}: unknown keys {unknown}; use {list(SOURCE_KEYS)}")
+        if str(source["validation_split"]).lower() == "none":
+            source["validation_split"] = None
+        for key in ("train_file", "validation_file"):
+            source[key] = [str(existing_path(path, f"--{key}")) for path in source[key] or []]
+    if sum(source["probability"] is None for source in sources) not in (0, len(sources)):
+        fail("--datasets: give every source a probability, or none (then they alternate)")
+    return sources
+
+
+# --- data ---
+
+
+def load_documents(source: dict, part: str, args, render_chat) -> datasets.Dataset | datasets.IterableDataset | None:
+    """The `part` ("train" or "validation") of one source as non-empty documents in a single `text` column."""
+    if source["train_file"]:
+        files = source[f"{part}_file"]
+        if not files:
+            return None
+        suffixes = [suffix for suffix in Path(files[0]).suffixes if suffix not in COMPRESSIONS]
+        builder = LOCAL_BUILDERS.get(suffixes[-1] if suffixes else "")
+        if builder is None:
+            fail(f"--{part}_file {files[0]}: use .txt, .json, .jsonl or .parquet (optionally compressed)")
+        options = {"sample_by": "document"} if builder == "text" else {}
+        label, request = f"--{part}_file {files[0]}", dict(path=builder, data_files=files, split="train", **options)
+    else:
+        if not source[f"{part}_split"]:
+            return None
+        label = f"--dataset_name {source['dataset_name']!r}"
+        request = dict(path=source["dataset_name"], name=source["dataset_config_name"], split=source[f"{part}_split"])
+    try:
+        dataset = datasets.load_dataset(**request, streaming=args.streaming)
+    except Exception as error:  # offline, unknown id, split or config: datasets says which in its first line
+        offline = datasets.config.HF_HUB_OFFLINE
+        hint = " (HF_HUB_OFFLINE is set: download it once online, or use local files)" if offline else ""
+        fail(f"{label} could not be loaded{hint}: {str(error).strip().splitlines()[0]}")
+    columns = dataset.column_names or list(next(iter(dataset)))
+    chat = bool(source["messages_column"])
+    column = source["messages_column"] if chat else source["text_column"]
+    if column not in columns:
+        fail(f"--{'messages' if chat else 'text'}_column {column!r} not in dataset columns {columns} of {label}")
+    if chat:
+        documents = dataset.map(lambda row: {"text": render_chat(row[column])}, remove_columns=columns)
+    else:
+        documents = dataset.select_columns([column])
+        documents = documents.rename_column(column, "text") if column != "text" else documents
+    return documents.filter(lambda row: bool(row["text"].strip()))  # an empty document would be a lone EOS
+
+
+def chat_renderer(tokenizer):
+    """messages -> text with the template of the tokenizer that will encode it; one still to be built will carry
+    tokenization_i3's template and special tokens, so those render the same text now."""
+    if tokenizer is not None:
+        return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)
+    return lambda messages: render_jinja_template([messages], chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)[0][0]
+
+
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each document, ended by the end-of-text token so the model learns where documents stop."""
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def group_texts(batch: dict, block_size: int) -> dict:
+    """Concatenate documents (each already ending with EOS) and cut them into full blocks; the tail is dropped."""
+    ids = list(chain.from_iterable(batch["input_ids"]))
+    return {"input_ids": [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]}
+
+
+def evaluation_windows(documents: list[list[int]], block_size: int, eos_id: int) -> list[dict]:
+    """Windows over EOS + every held-out document, overlapping by one token, so that each token after the leading
+    EOS is predicted exactly once (the model shifts labels by one); the last window's padding is not scored."""
+    stream = [eos_id, *chain.from_iterable(documents)]
+    windows = []
+    for start in range(0, len(stream) - 1, block_size - 1):
+        window = stream[start : start + block_size]
+        padding = block_size - len(window)
+        windows.append({"input_ids": window + [eos_id] * padding, "labels": window + [-100] * padding})
+    return windows
+
+
+def build_dataloaders(args, accelerator: Accelerator):
+    """Tokenizer, training blocks (shuffled per epoch) and held-out windows with their UTF-8 byte count."""
+    given = AutoTokenizer.from_pretrained(args.tokenizer_name, trust_remote_code=True) if args.tokenizer_name else None
+    render_chat = chat_renderer(given)
+    with accelerator.main_process_first():  # the main process fills the caches, the others then read them
+        parts = [load_documents(source, "train", args, render_chat) for source in args.datasets]
+        probabilities = [source["probability"] for source in args.datasets]
+        train_documents = parts[0] if len(parts) == 1 else datasets.interleave_datasets(
+            parts, probabilities=None if None in probabilities else probabilities, seed=args.seed,
+            stopping_strategy="all_exhausted")
+        tokenizer = given or build_tokenizer(args.tokenizer_type, train_documents.take(args.tokenizer_max_documents),
+                                             args.vocab_size, args.tokenizer_cache_dir)
+        if tokenizer.eos_token_id is None:
+            fail(f"--tokenizer_name {args.tokenizer_name}: the tokenizer has no end-of-text (eos) token")
+        workers = {} if args.streaming else {"num_proc": args.preprocessing_num_workers}
+        train_blocks = train_documents.map(
+            lambda batch: {"input_ids": encode_documents(tokenizer, batch["text"])},
+            batched=True, remove_columns=["text"], **workers,
+        ).map(group_texts, batched=True, fn_kwargs={"block_size": args.block_size}, **workers)
+        held_out = [documents.take(args.max_eval_documents) if args.max_eval_documents else documents
+                    for source in args.datasets
+                    if (documents := load_documents(source, "validation", args, render_chat)) is not None]
+    if args.streaming:
+        train_blocks = train_blocks.shuffle(seed=args.seed, buffer_size=10_000)
+    train_loader = DataLoader(train_blocks.with_format("torch"), batch_size=args.per_device_train_batch_size,
+                              shuffle=not args.streaming, drop_last=True, collate_fn=default_data_collator)
+    texts = [row["text"] for documents in held_out for row in documents]
+    if not texts:
+        return tokenizer, train_loader, None, 0
+    windows = evaluation_windows(encode_documents(tokenizer, texts), args.block_size, tokenizer.eos_token_id)
+    eval_loader = DataLoader(windows, batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator)
+    return tokenizer, train_loader, eval_loader, sum(len(text.encode("utf-8")) for text in texts)
+
+
+# --- model and optimizer ---
+
+
+def model_config(args) -> I3Config:
+    """The preset with --config_overrides, checked against --block_size before any data is read."""
+    config = I3Config.from_pretrained(args.model_config)
+    if args.config_overrides:
+        try:
+            config.update_from_string(args.config_overrides)
+        except ValueError as error:
+            fail(f"--config_overrides {args.config_overrides!r}: {error}")
+    if config.position_embedding_type == "learned" and args.block_size > config.max_position_embeddings:
+        fail(f"--block_size {args.block_size} is above the model's learned positions (max_position_embeddings="
+             f"{config.max_position_embeddings} in {args.model_config})")
+    return config
+
+
+def build_model(config: I3Config, tokenizer, args) -> I3ForCausalLM:
+    """An untrained model sized to the tokenizer, with sampling defaults for `pipeline` and `generate`."""
+    config.update({"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    config.validate_architecture()
+    model = I3ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        do_sample=True, temperature=0.8, top_k=50, max_new_tokens=args.max_new_tokens)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def build_optimizer(model: nn.Module, args, num_processes: int):
+    """AdamW that decays only the weight matrices of linear and conv layers: norms, biases, embeddings and the
+    recurrences' own parameters (A_log, dt_bias, D, time_mix, time_decay, time_first, w_mix, A...) keep their scale."""
+    decayed = {id(module.weight) for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv1d))}
+    decayed |= {id(module.A) for module in model.modules() if isinstance(module, I3LowRankLinear)}
+    decayed |= {id(module.B) for module in model.modules() if isinstance(module, I3LowRankLinear)}
+    decayed -= {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}  # tied heads
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in parameters if id(p) in decayed], "weight_decay": args.weight_decay},
+         {"params": [p for p in parameters if id(p) not in decayed], "weight_decay": 0.0}],
+        lr=args.learning_rate)
+    # Accelerate steps a prepared scheduler once per process at every optimizer step, hence the factor
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+        scheduler_specific_kwargs={"min_lr_rate": args.min_lr_rate} if "min_lr" in args.lr_scheduler_type else None)
+    return optimizer, scheduler
+
+
+# --- training state, checkpoints ---
+
+
+@dataclass
+class TrainingProgress:
+    """Where the run is; saved in every checkpoint, so a resumed run sees the same batches and keeps its history."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    train_losses: list = field(default_factory=list)  # [step, loss]
+    evaluations: list = field(default_factory=list)  # {"step", "eval_loss", "perplexity", "bits_per_byte", "samples"}
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict):
+        self.__dict__.update(state)
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Finished saves, oldest first: only a completed save is ever named step_N (see save_checkpoint)."""
+    saved = [path for path in checkpoint_dir.glob("step_*") if path.name[5:].isdigit()]
+    return sorted(saved, key=lambda path: int(path.name[5:]))
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    saved = complete_checkpoints(checkpoint_dir)
+    return saved[-1] if saved else None
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, keep: int):
+    """`save_state` into a hidden folder, then one rename to step_N: a crash mid-write leaves no broken step_N."""
+    partial = checkpoint_dir / f".partial-step_{step}"
+    if accelerator.is_main_process:
+        for stale in checkpoint_dir.glob(".partial-step_*"):  # left by a crashed save
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = checkpoint_dir / f"step_{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        logger.info(f"checkpoint {final}")
+        for old in complete_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume(args, accelerator: Accelerator):
+    """Restore weights, optimizer, scheduler, RNG states and TrainingProgress; "latest" with nothing saved yet starts
+    afresh, so a crashed job can always be relaunched with the same command."""
+    path = args.resume_from_checkpoint
+    if path == "latest":
+        path = latest_checkpoint(Path(args.output_dir) / "checkpoints")
+        if path is None:
+            logger.info(f"no checkpoint in {args.output_dir} yet: starting from scratch", main_process_only=True)
+            return
+    logger.info(f"resuming from {path}", main_process_only=True)
+    accelerator.load_state(str(path))
+
+
+# --- training loop pieces ---
+
+
+def training_batches(loader: DataLoader, progress: TrainingProgress, accelerator: Accelerator):
+    """Batches epoch after epoch, starting where `progress` says: the same order as a run that was never stopped."""
+    while True:
+        loader.set_epoch(progress.epoch)
+        skip = progress.batches_in_epoch
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            progress.batches_in_epoch += 1
+            yield batch
+        if progress.batches_in_epoch == 0:
+            fail("the training data is shorter than one batch: lower --block_size or --per_device_train_batch_size")
+        progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+
+
+def train_step(model, batches, optimizer, scheduler, accelerator: Accelerator, args, progress) -> float:
+    """One optimizer step over the micro-batches Accelerate accumulates; returns the loss averaged over processes."""
+    losses = []
+    while True:
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+            losses.append(accelerator.reduce(loss.detach(), "mean"))
+            if not torch.isfinite(losses[-1]):
+                newest = latest_checkpoint(Path(args.output_dir) / "checkpoints")
+                advice = (f"{newest} is intact: resume from it" if newest else "no checkpoint was written: restart")
+                fail(f"loss is {losses[-1].item()} at step {progress.step + 1}, stopped before updating the weights; "
+                     f"{advice} with a lower --learning_rate")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            return torch.stack(losses).mean().item()
+
+
+def record_step(progress, bar, accelerator: Accelerator, loss: float, seconds: float, tokens: int, learning_rate):
+    """Count the finished step and show it: progress bar, trackers, loss history."""
+    progress.step += 1
+    progress.tokens += tokens
+    progress.train_seconds += seconds
+    progress.train_losses.append([progress.step, loss])
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens / seconds:,.0f}")
+    accelerator.log({"train/loss": loss, "train/learning_rate": learning_rate,
+                     "train/tokens_per_second": tokens / seconds}, step=progress.step)
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, accelerator: Accelerator, num_bytes: int) -> dict:
+    """Held-out loss (mean token NLL), perplexity, and bits per byte = sum of NLL / ln 2 / UTF-8 bytes of the text."""
+    model.eval()
+    total_nll = total_tokens = 0.0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        scored = (labels != -100).sum(1).float()
+        per_window = accelerator.gather_for_metrics(torch.stack([nll.sum(1), scored], dim=1))
+        total_nll += per_window[:, 0].double().sum().item()
+        total_tokens += per_window[:, 1].double().sum().item()
+    model.train()
+    loss = total_nll / total_tokens
+    return {"eval_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total_nll / math.log(2) / num_bytes}
+
+
+def sample(model, tokenizer, accelerator: Accelerator, args) -> list[str]:
+    """Continuations of --sample_prompts, sampled with a fixed seed off the training RNG streams."""
+    if not accelerator.is_main_process:
+        return []
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        for prompt in args.sample_prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(accelerator.device)
+            output = model.generate(ids, max_new_tokens=args.max_new_tokens)
+            texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    model.train()
+    return texts
+
+
+def evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, args, progress):
+    results = evaluate(model, eval_loader, accelerator, eval_bytes) if eval_loader is not None else {}
+    samples = sample(model, tokenizer, accelerator, args)
+    progress.evaluations.append({"step": progress.step, **results, "samples": samples})
+    accelerator.log({f"eval/{name}": value for name, value in results.items()}, step=progress.step)
+    summary = ", ".join(f"{name} {value:.4f}" for name, value in results.items())
+    logger.info(f"step {progress.step}: {summary}\n" + "\n".join(f"  > {text!r}" for text in samples),
+                main_process_only=True)
+
+
+# --- export: weights, tokenizer, model card ---
+
+
+def export(args, accelerator: Accelerator, model, tokenizer, progress: TrainingProgress, eval_bytes: int) -> dict:
+    """Everything `from_pretrained(..., trust_remote_code=True)` and the Hub need, in --output_dir; returns the
+    final results (on the main process)."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {}
+    output_dir = Path(args.output_dir)
+    model = accelerator.unwrap_model(model)
+    model.save_pretrained(output_dir)  # weights, config with auto_map, code files, generation_config.json
+    tokenizer.save_pretrained(output_dir)
+    final = progress.evaluations[-1]
+    results = {key: value for key, value in final.items() if key != "samples"}
+    results.update(train_loss=progress.train_losses[-1][1], train_tokens=progress.tokens,
+                   train_seconds=progress.train_seconds, tokens_per_second=progress.tokens / progress.train_seconds)
+    (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_losses(progress, output_dir / "loss.png")
+    model_card(args, accelerator, model, tokenizer, progress, results, eval_bytes).save(output_dir / "README.md")
+    if args.push_to_hub:
+        repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
+        upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*"])
+        logger.info(f"uploaded to https://huggingface.co/{repo_id}", main_process_only=True)
+    return results
+
+
+def plot_losses(progress: TrainingProgress, path: Path):
+    figure = Figure(figsize=(7, 4), layout="tight")
+    axes = figure.subplots()
+    axes.plot(*zip(*progress.train_losses), linewidth=0.8, label="training loss")
+    evaluated = [record for record in progress.evaluations if "eval_loss" in record]
+    axes.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="held-out loss")
+    axes.set(xlabel="optimizer step", ylabel="loss (nats per token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(path, dpi=120)
+
+
+CARD = """
+# {name}
+
+An i3 language model ({parameters:,} parameters: {stack}, width {hidden}, {positions}) trained from scratch with
+`train.py` of the i3 repository. i3 stacks recurrent layers (here the `{mixer}` mixer) under causal attention; the
+code ships with the weights, so pass `trust_remote_code=True`.
+
+```python
+from transformers import pipeline
+
+generator = pipeline("text-generation", model="{repo}", trust_remote_code=True)
+print(generator({prompt})[0]["generated_text"])
+```
+
+## Training
+
+Data, each document ended by `{eos}` and packed into blocks of {block_size} tokens; tokenizer: {tokenizer} with
+{vocab:,} entries, built from the training documents only.
+
+{train_data}
+
+| steps | tokens | batch | optimizer | schedule | precision | hardware | time |
+|---|---|---|---|---|---|---|---|
+| {steps:,} | {tokens:,} | {batch} x {block_size} | AdamW lr {lr}, weight decay {weight_decay}, clip {clip} | \
+{scheduler}, {warmup} warmup | {precision} | {hardware} | {minutes:.1f} min, {tokens_per_second:,.0f} tokens/s |
+
+Reproduce: `{command}`
+
+![training and held-out loss](loss.png)
+
+## Evaluation
+
+{evaluation}
+
+## Samples
+
+At the end of training, sampled with temperature 0.8 and top-k 50:
+
+{samples}
+"""
+
+
+def model_card(args, accelerator: Accelerator, model, tokenizer, progress, results: dict, eval_bytes: int) -> ModelCard:
+    """A Hub model card filled in from this run: what was trained on what, how, and how well."""
+    config = model.config
+    recurrent = config.layer_types.count("linear_attention")
+    held_out = [f"{s['dataset_name']} ({s['validation_split']})" for s in args.datasets
+                if s["dataset_name"] and s["validation_split"]]
+    held_out += [Path(file).name for s in args.datasets for file in s["validation_file"]]
+    evaluation = "No held-out data was given." if "eval_loss" not in results else (
+        f"Held out: {', '.join(held_out)}, {eval_bytes:,} bytes of UTF-8, never trained on.\n\n"
+        "| loss (nats/token) | perplexity (per token) | bits per byte |\n|---|---|---|\n"
+        f"| {results['eval_loss']:.4f} | {results['perplexity']:.2f} | {results['bits_per_byte']:.4f} |\n\n"
+        "Bits per byte (sum of token NLL / ln 2 / bytes) compares models with different tokenizers.")
+    threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({threads} thread(s))"
+    body = CARD.format(
+        name=args.hub_model_id or Path(args.output_dir).name, repo=args.hub_model_id or args.output_dir,
+        parameters=model.num_parameters(), hidden=config.hidden_size, mixer=config.recurrent_mixer,
+        stack=f"{recurrent} recurrent + {config.num_hidden_layers - recurrent} attention layers",
+        positions=f"learned positions up to {config.max_position_embeddings}"
+        if config.position_embedding_type == "learned" else "RoPE",
+        prompt=repr(args.sample_prompts[0] if args.sample_prompts else ""), eos=tokenizer.eos_token,
+        block_size=args.block_size, tokenizer=type(tokenizer).__name__, vocab=len(tokenizer),
+        train_data="\n".join(f"- {describe_source(source)}" for source in args.datasets),
+        steps=progress.step, tokens=progress.tokens,
+        batch=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        lr=args.learning_rate, weight_decay=args.weight_decay, clip=args.max_grad_norm,
+        scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
+        precision="fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
+        hardware=f"{accelerator.num_processes} x {device}", minutes=progress.train_seconds / 60,
+        tokens_per_second=results["tokens_per_second"], command=f"accelerate launch train.py {args.command}".strip(),
+        evaluation=evaluation,
+        samples="\n\n".join(f"```text\n{text}\n```" for text in progress.evaluations[-1]["samples"]))
+    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation", language=["en"],
+                             tags=["i3", "custom_code"],
+                             datasets=[s["dataset_name"] for s in args.datasets if s["dataset_name"]] or None)
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")
+
+
+def describe_source(source: dict) -> str:
+    """One markdown line: a Hub link (config, split) or the local file names, and the mixing probability."""
+    if source["dataset_name"]:
+        name = source["dataset_name"]
+        text = f"[{name}](https://huggingface.co/datasets/{name}) {source['dataset_config_name'] or ''} "
+        text += f"split `{source['train_split']}`"
+    else:
+        text = ", ".join(f"`{Path(file).name}`" for file in source["train_file"])
+    return text + (f", probability {source['probability']}" if source["probability"] is not None else "")
+
+
+# --- main ---
+
+
+def main():
+    args = parse_args()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dynamo_backend="inductor" if args.torch_compile else None)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logging.getLogger(__name__).setLevel(logging.INFO)
+    logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device} with {torch.get_num_threads()} "
+                f"thread(s) each, mixed precision {accelerator.mixed_precision}", main_process_only=True)
+    set_seed(args.seed)
+
+    tokenizer, train_loader, eval_loader, eval_bytes = build_dataloaders(args, accelerator)
+    model = build_model(args.model, tokenizer, args)
+    logger.info(f"{model.num_parameters():,} parameters, vocabulary {len(tokenizer):,}", main_process_only=True)
+    optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+    if args.resume_from_checkpoint:
+        resume(args, accelerator)
+    if args.with_tracking:
+        accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
+
+    checkpoint_dir = Path(args.output_dir) / "checkpoints"
+    tokens_per_step = (args.per_device_train_batch_size * args.block_size * args.gradient_accumulation_steps
+                       * accelerator.num_processes)
+    batches = training_batches(train_loader, progress, accelerator)
+    model.train()
+    bar = tqdm(total=args.max_train_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
+    with logging_redirect_tqdm(), bar:  # log lines print above the bar
+        while progress.step < args.max_train_steps:
+            start = time.perf_counter()
+            loss = train_step(model, batches, optimizer, scheduler, accelerator, args, progress)
+            record_step(progress, bar, accelerator, loss, time.perf_counter() - start, tokens_per_step,
+                        scheduler.get_last_lr()[0])
+            last_step = progress.step == args.max_train_steps
+            if last_step or (args.eval_steps and progress.step % args.eval_steps == 0):
+                evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, args, progress)
+            if args.checkpointing_steps and (last_step or progress.step % args.checkpointing_steps == 0):
+                save_checkpoint(accelerator, checkpoint_dir, progress.step, args.checkpoints_total_limit)
+
+    results = export(args, accelerator, model, tokenizer, progress, eval_bytes)
+    logger.info(f"saved {args.output_dir}: {json.dumps(results)}", main_process_only=True)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
