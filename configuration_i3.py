@@ -44,8 +44,8 @@ class I3Config(PreTrainedConfig):
     layer_types: list[str] | None = None
     layer_norm_eps: float = 1e-5
     hidden_act: str = "gelu"
-    mlp_bias: bool = True
-    lm_head_bias: bool = True
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     low_rank: int | None = None
@@ -63,7 +63,7 @@ class I3Config(PreTrainedConfig):
     expand: int = 1
     state_size: int = 32
     conv_kernel: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 32
     time_step_min: float = 1e-3
     time_step_max: float = 1e-1
     # generation

@@ -73,6 +73,10 @@ SPECIAL_TOKENS = {
     "rwkv4": dict(pad_token_id=1, bos_token_id=2, eos_token_id=3),  # <UNK> 0, <PAD> 1, <BOS> 2, <EOS> 3
 }
 
+# What every published block has, whatever the checkpoint: pre-LayerNorm, GELU feed-forward and head with biases.
+PUBLISHED_BLOCKS = dict(layer_norm_eps=1e-5, hidden_act="gelu", attention_bias=True, mlp_bias=True,
+                        lm_head_bias=True, tie_word_embeddings=False)
+
 # What i3's mixer reproduces, for the model card.
 PUBLISHED_MIXERS = {
     "open-i3": "the i3-80M code's `RWKVMambaHybrid`",
@@ -180,6 +184,7 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, num_heads: int | No
             position_embedding_type="learned",
             max_position_embeddings=max_positions,
             **sizes,
+            **PUBLISHED_BLOCKS,
             **SPECIAL_TOKENS[mixer],
         )
     except ValueError as error:

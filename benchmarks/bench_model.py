@@ -70,9 +70,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_scan(repeats: int):
-    """The chunked scan against the same recurrence stepped token by token, forward + backward."""
-    batch, seq_len, heads, head_dim, state = 4, 1024, 16, 64, 32
+def bench_scan(config: I3Config, repeats: int):
+    """The chunked scan against the same recurrence stepped token by token, forward + backward, at the root
+    config's sizes."""
+    batch, seq_len, heads, state = 4, 1024, config.recurrent_num_heads, config.state_size
+    head_dim = config.expand * config.hidden_size // heads
     generator = torch.Generator().manual_seed(0)
     u = torch.randn(batch, seq_len, heads, head_dim, generator=generator).requires_grad_()
     dt = torch.rand(batch, seq_len, heads, generator=generator).mul(0.1).requires_grad_()
@@ -82,7 +84,7 @@ def bench_scan(repeats: int):
     D = torch.ones(heads).requires_grad_()
 
     def chunked():
-        y, _ = i3_scan_chunked(u, dt, -A_log.exp() * dt, B, C, D, chunk_size=64)
+        y, _ = i3_scan_chunked(u, dt, -A_log.exp() * dt, B, C, D, chunk_size=config.chunk_size)
         y.sum().backward()
 
     def loop():
@@ -97,10 +99,11 @@ def bench_scan(repeats: int):
         torch.cat(ys, 1).sum().backward()
 
     seconds = alternate({"chunked": lambda: timed(chunked), "loop": lambda: timed(loop)}, repeats)
-    print("\n### i3 scan, forward + backward, batch 4 x 1,024 tokens, 16 heads x 64, state 32\n")
+    print(f"\n### i3 scan, forward + backward, batch {batch} x {seq_len:,} tokens, {heads} heads x {head_dim}, "
+          f"state {state}\n")
     print("| evaluation | seconds | speed-up |\n|---|---|---|")
     print(f"| per-step loop | {seconds['loop']:.3f} | 1.0x |")
-    print(f"| chunked (64) | {seconds['chunked']:.3f} | {seconds['loop'] / seconds['chunked']:.1f}x |")
+    print(f"| chunked ({config.chunk_size}) | {seconds['chunked']:.3f} | {seconds['loop'] / seconds['chunked']:.1f}x |")
 
 
 def bench_train(models: dict, repeats: int, batch: int = 4, seq_len: int = 256):
@@ -172,7 +175,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["scan", "train", "decode"], help="run one part only")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per model (median reported)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core); on a "
+                                                    "shared machine 1 thread is the stable measurement")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     config = I3Config.from_pretrained(REPO_ROOT)
@@ -183,7 +190,7 @@ def main():
     print(f"i3 (root config.json): {count_parameters(i3):,} parameters; Llama (intermediate "
           f"{llama.config.intermediate_size}): {count_parameters(llama):,} parameters")
     if args.only in (None, "scan"):
-        bench_scan(args.repeats)
+        bench_scan(config, args.repeats)
     if args.only in (None, "train"):
         bench_train(models, args.repeats)
     if args.only in (None, "decode"):
