@@ -20,6 +20,10 @@ Two modes, one rule:
 As in every transformers tokenizer, special tokens written in a text (`<eos>` in a chat) are matched before chunking
 (`split_special_tokens=True` turns that off); nothing is added around a text when encoding.
 
+No Python loop runs over characters: texts are numbered, cut and looked up in numpy, a group of them at once (the
+section "the chunk rule over a group of texts"), for `tokenizer(batch)` as `datasets.map(batched=True)` calls it, for
+single texts, and for `split_chunks`, which the vocabulary builder counts from.
+
 Entry points: `I3Tokenizer.from_open_i3_vocab(path)` (the converter), `build_chunk_vocab(texts, vocab_size)` and
 `build_tokenizer(kind, texts, vocab_size)` with kind "chunk" or "bpe" (the training script).
 """
@@ -31,9 +35,12 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate, groupby
+from itertools import groupby, pairwise, product
+from operator import itemgetter
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
@@ -50,23 +57,6 @@ TRIGRAMS = (
     "you", "are", "not", "but", "can", "all", "whi", "one", "our", "out", "whe", "hav", "thi", "wit",
 )  # fmt: skip
 
-
-def _trigram_alternatives(trigrams: Iterable[str]) -> str:
-    """`t(?:he|ha|...)|a(?:nd|...)`: grouped by first letter, the regex engine tests a letter instead of 28 words."""
-    groups: dict[str, list[str]] = {}
-    for trigram in trigrams:
-        groups.setdefault(trigram[0], []).append(trigram[1:])
-    return "|".join(f"{first}(?:{'|'.join(rests)})" for first, rests in groups.items())
-
-
-# The chunk rule as one regex; findall cuts a whole text as if every chunk were in the vocabulary.
-CHUNK_PATTERN = re.compile(
-    r"(?<= )..."  # rule 2: the previous character is a space
-    r"|...(?= )"  # rule 3: a space follows the three characters
-    rf"|{_trigram_alternatives(TRIGRAMS)}"  # rule 1: a trigram
-    r"|..?",  # otherwise two characters, one at the very end
-    re.DOTALL,
-)
 
 OPEN_I3 = "open-i3"
 SPECIAL_TOKENS = {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
@@ -93,9 +83,409 @@ CHAT_TEMPLATE = """\
 """
 
 
+# --- the chunk rule over a group of texts at once (numpy; one implementation for every path) ---
+#
+# A group of texts is joined into one array of characters, numbered by the vocabulary. The rule gives the chunk length
+# at every position; a parallel prefix scan turns lengths into the chain of chunk starts 0 -> 0 + length[0] -> ...;
+# the vocabulary is looked up along that chain, and where it cuts a chunk short the real chain takes a detour, found
+# the same way in a window after the cut. Every step is a handful of numpy calls over the whole group.
+
+LOOK_AHEAD = 3  # the rule reads text[p+3]; this many NULs after the joined texts keep every read inside the array
+GROUP_CHARACTERS = 2**17  # texts encoded together: arrays this long stay in cache (15% faster than 3 times longer)
+CODE_POINTS = 0x110000
+RULE_CHARACTERS = "abcdefghijklmnopqrstuvwxyz "  # numbered 1-27 by every ChunkVocabulary: the rule reads numbers
+SPACE_NUMBER = RULE_CHARACTERS.index(" ") + 1
+
+
+class ChunkVocabulary:
+    """Chunk (1-3 characters) -> id, looked up for many positions of a group of texts at once.
+
+    Characters are numbered: 1-27 the rule's letters and space, then the other characters of the chunks, then one
+    number for every character in no chunk. A chunk's numbers pack into one integer key (`bits` per character, the
+    first lowest; uint32 up to 1,022 characters, else uint64), found in an open-addressing table 4-8 times larger than
+    the vocabulary by a multiplicative hash and linear probing.
+    """
+
+    HASH_MULTIPLIERS = {np.uint32: 0x9E3779B1, np.uint64: 0x9E3779B97F4A7C15}  # 2**bits / golden ratio, odd
+
+    def __init__(self, chunk_ids: dict[str, int]):
+        chunks = {chunk: index for chunk, index in chunk_ids.items() if 1 <= len(chunk) <= LOOK_AHEAD}
+        characters = [*RULE_CHARACTERS, *sorted({c for chunk in chunks for c in chunk} - set(RULE_CHARACTERS))]
+        number = {character: index for index, character in enumerate(characters, start=1)}
+        unknown = len(characters) + 1
+        self.numbers = np.full(CODE_POINTS, unknown, np.min_scalar_type(unknown))  # code point -> number
+        self.numbers[list(map(ord, characters))] = np.arange(1, unknown)
+        self.latin1_numbers = self.numbers[:256].tobytes() if unknown < 256 else None  # for bytes.translate
+        self.bits = unknown.bit_length()
+        self.key_type = np.uint32 if 3 * self.bits <= 32 else np.uint64
+        self.key_masks = np.array([2 ** (self.bits * length) - 1 for length in range(4)], self.key_type)
+
+        key_bits, table_bits = np.dtype(self.key_type).itemsize * 8, max(4, (4 * len(chunks)).bit_length())
+        multiplier = self.HASH_MULTIPLIERS[self.key_type]
+        self.multiplier, self.shift = self.key_type(multiplier), self.key_type(key_bits - table_bits)
+        self.slot_mask = 2**table_bits - 1
+        keys, values = [0] * 2**table_bits, [0] * 2**table_bits  # key 0 (no character) marks an empty slot
+        farthest = 0  # how far past its home slot a chunk had to go
+        for chunk, index in chunks.items():
+            key = sum(number[character] << (self.bits * i) for i, character in enumerate(chunk))
+            slot = home = (key * multiplier) % 2**key_bits >> (key_bits - table_bits)
+            while keys[slot]:
+                slot = (slot + 1) & self.slot_mask
+            keys[slot], values[slot] = key, index + 1
+            farthest = max(farthest, (slot - home) & self.slot_mask)
+        self.keys, self.values = np.array(keys, self.key_type), np.array(values, np.int64)
+        self.further_slots = np.arange(1, farthest + 1)  # where a chunk not at its home slot can be
+
+    def number(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The texts back to back, then LOOK_AHEAD NULs: their code points and character numbers (n + 3,) each, and
+        where each text starts (texts + 1,) intp, the last entry n. Text in Latin-1 (most text, one byte a character)
+        is numbered by bytes.translate, any other by a table of all code points (lone surrogates included)."""
+        starts = np.zeros(len(texts) + 1, np.intp)
+        np.cumsum(np.fromiter(map(len, texts), np.intp, len(texts)), out=starts[1:])
+        joined = "".join([*texts, "\0" * LOOK_AHEAD])
+        if self.latin1_numbers is not None:
+            try:
+                latin1 = joined.encode("latin-1")
+            except UnicodeEncodeError:
+                pass
+            else:
+                numbers = latin1.translate(self.latin1_numbers)
+                return np.frombuffer(latin1, np.uint8), np.frombuffer(numbers, np.uint8), starts
+        code_points = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.dtype("<u4"))
+        return code_points, self.numbers.take(code_points), starts
+
+    def chunk_keys(self, numbers: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Keys of the chunks of `lengths` (m,) characters at `positions` (m,), from the character `numbers` of the
+        group (n + LOOK_AHEAD,): (m,) key_type."""
+        following = positions + 1
+        keys = numbers[following].astype(self.key_type) << self.key_type(self.bits)
+        following += 1
+        keys |= numbers[following].astype(self.key_type) << self.key_type(2 * self.bits)
+        keys |= numbers[positions]
+        keys &= self.key_masks.take(lengths)
+        return keys
+
+    def ids_plus_one(self, keys: np.ndarray) -> np.ndarray:
+        """Id + 1 of each key's chunk, 0 when it is not in the vocabulary, (len(keys),) int64."""
+        slots = ((keys * self.multiplier) >> self.shift).astype(np.intp)
+        found = self.keys.take(slots)
+        ids = self.values.take(slots)
+        hit = found == keys
+        ids *= hit
+        probing = (~hit & (found != 0)).nonzero()[0]  # the home slot holds another chunk: this one may be further
+        if probing.size:
+            further = (slots[probing, None] + self.further_slots) & self.slot_mask  # (k, farthest)
+            matches = self.keys.take(further) == keys[probing, None]  # at most one per row
+            ids[probing] = (self.values.take(further) * matches).sum(axis=1)
+        return ids
+
+    def longest_known(
+        self, numbers: np.ndarray, positions: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """For the rule's chunks of `lengths` (m,) at `positions` (m,): the step taken (the longest known prefix, else
+        1) and the id + 1 of that prefix (0: not even the first character is known), (m,) uint8 and (m,) int64. Only
+        chunks missing from the vocabulary get their prefixes looked up."""
+        keys = self.chunk_keys(numbers, positions, lengths)
+        ids = self.ids_plus_one(keys)
+        missing = (ids == 0).nonzero()[0]  # (k,)
+        if not missing.size:
+            return lengths, ids
+        missing_keys = keys[missing]
+        # The first two and the first one characters (a missing chunk of 2 looks itself up again and misses again).
+        prefixes = np.concatenate([missing_keys & self.key_masks[2], missing_keys & self.key_masks[1]])  # (2k,)
+        two, one = self.ids_plus_one(prefixes).reshape(2, -1)
+        steps = lengths.copy()
+        steps[missing] = np.where(two != 0, 2, 1)
+        ids[missing] = np.where(two != 0, two, one)
+        return steps, ids
+
+
+RULE_ONLY = ChunkVocabulary({})  # numbers the rule's characters only: for cutting text with no vocabulary
+
+# Rule 1 reads three characters' numbers capped at 27 (a-z are 1-26, anything else 27) as one index into a table.
+TRIGRAM_TABLE = np.zeros(28**3, bool)
+for _trigram in TRIGRAMS:
+    TRIGRAM_TABLE[np.ravel_multi_index([RULE_CHARACTERS.index(c) + 1 for c in _trigram], (28, 28, 28))] = True
+
+
+def _trigram_starts(numbers: np.ndarray) -> np.ndarray:
+    """Rule 1 at every position p < n: `text[p:p+3]` is a trigram, (n,) bool."""
+    n = len(numbers) - LOOK_AHEAD
+    letters = np.minimum(numbers, 27, dtype=np.uint16)  # (n + 3,)
+    index = letters[:n] * np.uint16(28 * 28)
+    index += letters[1 : n + 1] * np.uint16(28)
+    index += letters[2 : n + 2]
+    return TRIGRAM_TABLE.take(index)
+
+
+def _text_edges(starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The positions where the rule's reads could leave their text: each text's first position and its last 3, with
+    their room (characters left in the text, capped at 4) and whether they start the text; (e,) each, a position of a
+    short text possibly twice."""
+    begins, ends = starts[:-1, None], starts[1:, None]  # (texts, 1)
+    candidates = np.concatenate([begins, ends - np.arange(3, 0, -1)], axis=1)  # (texts, 4)
+    inside = (candidates >= begins) & (candidates < ends)
+    return candidates[inside], np.minimum(ends - candidates, 4)[inside], (candidates == begins)[inside]
+
+
+def _rule_lengths(numbers: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """SPEC 4's chunk length at every position of the joined texts, (n,) uint8 in 1-3, before any vocabulary fallback.
+
+    `numbers`: the characters as a ChunkVocabulary numbers them, (n + LOOK_AHEAD,). The rules are first applied as if
+    the group were one text, then redone at each text's edges, where they may only read the text itself.
+    """
+    n = len(numbers) - LOOK_AHEAD
+    is_space = numbers == SPACE_NUMBER  # (n + 3,)
+    take_three = _trigram_starts(numbers)  # (n,) rule 1
+    edges, room, is_start = _text_edges(starts)
+    trigram_at_edges = take_three[edges]
+    take_three[1:] |= is_space[: n - 1]  # rule 2: text[p-1] is a space
+    take_three |= is_space[LOOK_AHEAD:]  # rule 3: text[p+3] is a space
+    lengths = take_three.view(np.uint8) + np.uint8(2)  # (n,)
+    take_three_at_edges = (room >= 3) & (
+        trigram_at_edges | (~is_start & is_space[edges - 1]) | ((room == 4) & is_space[edges + LOOK_AHEAD])
+    )
+    lengths[edges] = np.where(take_three_at_edges, 3, np.minimum(room, 2))
+    return lengths
+
+
+# The chain of chunk starts as a scan. Reading positions left to right, keep d = the distance from p to the next chunk
+# start (0-2). Position p maps d to step[p] - 1 when d == 0 (a chunk starts at p) and to d - 1 otherwise: a map of
+# {0, 1, 2} to itself, coded as f(0) + 3 f(1) + 9 f(2) (27 codes). Maps compose associatively, so the d at every
+# position, d == 0 marking the chunk starts, is a prefix scan of maps starting from d = 0. Each text's last chunk ends
+# exactly at the text's end (the rule's room), so d is 0 again at every text start without special handling.
+
+
+def _map_code(values: Iterable[int]) -> int:
+    """The code of the map d -> values[d]."""
+    return sum(value * 3**d for d, value in enumerate(values))
+
+
+def _map_values(code: int) -> tuple[int, int, int]:
+    """f(0), f(1), f(2) of the map coded `code`."""
+    return code % 3, code // 3 % 3, code // 9
+
+
+IDENTITY_MAP = _map_code((0, 1, 2))
+COMPOSED = np.array(  # COMPOSED[27 * f + g]: f, then g
+    [_map_code(_map_values(g)[v] for v in _map_values(f)) for f in range(27) for g in range(27)], np.uint8
+)
+APPLIED = np.array([_map_values(f)[d] for f in range(27) for d in range(3)], np.uint8)  # APPLIED[3 * f + d] = f(d)
+
+# The scan's first level takes blocks of 8 positions by table. Their steps, 8 bytes of 1-3 read as one little-endian
+# uint64, are squeezed into a 16-bit code: step i - 1 in bits 2i and 2i + 1.
+BLOCK = 8
+
+
+def _block_tables() -> tuple[np.ndarray, np.ndarray]:
+    """By block code: the block's 8 maps composed, (4**8,) uint8, and for each d on entry the chunk starts, bit i set
+    if one starts at the block's position i, (4**8, 3) uint8. Codes with a step of 4 are never looked up."""
+    steps = np.array(list(product((1, 2, 3), repeat=BLOCK)), np.uint8)  # (3**8, 8)
+    codes = ((steps.astype(np.intp) - 1) << (2 * np.arange(BLOCK))).sum(axis=1)
+    maps, starts = np.zeros(4**BLOCK, np.uint8), np.zeros((4**BLOCK, 3), np.uint8)
+    for entry in range(3):
+        d = np.full(len(steps), entry, np.uint8)
+        for i in range(BLOCK):
+            starts[codes, entry] |= (d == 0).astype(np.uint8) << i
+            d = np.where(d == 0, steps[:, i] - 1, d - 1).astype(np.uint8)
+        maps[codes] += d * 3**entry
+    return maps, starts
+
+
+BLOCK_MAPS, BLOCK_STARTS = _block_tables()
+SEQUENTIAL_SCAN = 512  # maps few enough to scan one by one in Python (cheaper than more levels of numpy calls)
+APPLIED_VALUES = APPLIED.tolist()  # for that Python loop
+
+
+def _block_codes(steps: np.ndarray) -> np.ndarray:
+    """The 16-bit code of each block of 8 `steps` (uint8 in 1-3, a multiple of 8 long): (blocks,) intp."""
+    x = steps.view("<u8") - np.uint64(0x0101010101010101)  # 8 bytes of 0-2
+    x |= x >> np.uint64(6)
+    x &= np.uint64(0x000F000F000F000F)  # 4 lanes of 16 bits: 2 steps in bits 0-3
+    x |= x >> np.uint64(12)
+    x &= np.uint64(0x000000FF000000FF)  # 2 lanes of 32 bits: 4 steps in bits 0-7
+    x |= x >> np.uint64(24)
+    x &= np.uint64(0xFFFF)
+    return x.astype(np.intp)
+
+
+def _entry_distances(maps: np.ndarray) -> np.ndarray:
+    """d on entry to each of `maps` (uint8 map codes) when d is 0 before the first: an exclusive scan. Pairs are
+    composed into maps half as many, whose entries are found the same way; a pair's first map is entered as the pair,
+    its second after the first."""
+    if len(maps) <= SEQUENTIAL_SCAN:
+        distances, d = [], 0
+        for code in maps.tolist():
+            distances.append(d)
+            d = APPLIED_VALUES[3 * code + d]
+        return np.array(distances, np.uint8)
+    count = len(maps)
+    if count % 2:
+        maps = np.append(maps, np.uint8(IDENTITY_MAP))
+    firsts = maps[0::2].astype(np.intp)  # (pairs,)
+    pair_entries = _entry_distances(COMPOSED.take(firsts * 27 + maps[1::2]))
+    entries = np.empty(len(maps), np.uint8)
+    entries[0::2] = pair_entries
+    entries[1::2] = APPLIED.take(firsts * 3 + pair_entries)
+    return entries[:count]
+
+
+def _chunk_start_flags(steps: np.ndarray) -> np.ndarray:
+    """Whether a chunk starts at each position, given `steps` (n,) uint8 in 1-3: (n + 1 or a few more,) bool, True at
+    0, 0 + steps[0], ... up to n, where the last chunk ends (positions after n are steps of 1)."""
+    n = len(steps)
+    padded = np.ones(-(-(n + 1) // BLOCK) * BLOCK, np.uint8)
+    padded[:n] = steps
+    codes = _block_codes(padded)  # (blocks,)
+    entries = _entry_distances(BLOCK_MAPS.take(codes))
+    starts = BLOCK_STARTS.take(codes * 3 + entries)  # (blocks,) 8 flags as bits
+    return np.unpackbits(starts, bitorder="little").view(bool)  # (blocks * 8,)
+
+
+def _chunk_starts(steps: np.ndarray) -> np.ndarray:
+    """The positions where chunks start, (chunks,) intp: 0, 0 + steps[0], ... for `steps` (n,) uint8 in 1-3."""
+    return _chunk_start_flags(steps)[: len(steps)].nonzero()[0]
+
+
+# The vocabulary only matters where it cuts a chunk short: there the real chain leaves the rule's chain (a detour) and
+# rejoins it a few chunks later. So only the rule's chain is looked up (about 0.45 lookups per character instead of one
+# at every position), then a window of positions after each cut, in which the real chain is found by the same scan.
+# Groups with many or long detours (much text the vocabulary lacks) are looked up at every position instead.
+DETOUR_WINDOW = 32  # positions after a cut looked up at first, 4 times more for the detours that need it
+LONGEST_DETOUR = 512  # positions
+MOST_DETOURS = 1 / 32  # per chunk of the rule's chain; a group with more is looked up everywhere
+
+
+class Detours(NamedTuple):
+    """Where the real chain goes around the rule's: chain indices [begins[j], ends[j]) are replaced by the chunks
+    bounds[j]:bounds[j + 1] of `starts` and `ids` (ids + 1), for each detour j, in order."""
+
+    begins: np.ndarray  # (k,)
+    ends: np.ndarray  # (k,)
+    bounds: np.ndarray  # (k + 1,)
+    starts: np.ndarray  # (w,)
+    ids: np.ndarray  # (w,)
+
+
+NO_DETOURS = Detours(*(np.zeros(0, np.intp),) * 2, np.zeros(1, np.intp), *(np.zeros(0, np.intp),) * 2)
+
+
+def _chunk_group(
+    numbers: np.ndarray, starts: np.ndarray, vocabulary: ChunkVocabulary
+) -> tuple[np.ndarray, np.ndarray, Detours]:
+    """The chunks of the joined texts: where they start (chunks,) intp, their ids + 1 (chunks,) (0: unknown
+    character), and the detours that replace some of them."""
+    lengths = _rule_lengths(numbers, starts)
+    on_chain = _chunk_start_flags(lengths)
+    chain = on_chain[: len(lengths)].nonzero()[0]
+    chain_lengths = lengths[chain]
+    steps, ids = vocabulary.longest_known(numbers, chain, chain_lengths)
+    cut_short = (steps != chain_lengths).nonzero()[0]  # indices into chain
+    if not cut_short.size:
+        return chain, ids, NO_DETOURS
+    if len(cut_short) <= MOST_DETOURS * len(chain):
+        leaves = chain[cut_short]
+        detours = _detours(numbers, lengths, on_chain, leaves + steps[cut_short], DETOUR_WINDOW, vocabulary)
+        if detours is not None:
+            return chain, ids, _taken_detours(chain, leaves, *detours)
+    everywhere = np.arange(len(lengths))
+    steps, ids = vocabulary.longest_known(numbers, everywhere, lengths)
+    chain = _chunk_starts(steps)
+    return chain, ids[chain], NO_DETOURS
+
+
+def _detours(
+    numbers: np.ndarray,
+    lengths: np.ndarray,
+    on_chain: np.ndarray,
+    departures: np.ndarray,
+    window: int,
+    vocabulary: ChunkVocabulary,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The real chain from each of `departures` (d,), the positions right after the chunks cut short, to where it is
+    back on the rule's chain (`on_chain`, flags up to n): where each rejoins (d,), and the chunks on the way, as their
+    detour (w,), start (w,) and id + 1 (w,), in order. None if a detour is longer than LONGEST_DETOUR positions.
+
+    Every position of a window after each departure is looked up, and the windows are cut into chunks by the scan as
+    if they were texts; a detour that does not rejoin inside its window is done again in a window 4 times longer.
+    """
+    n = len(lengths)
+    offsets = np.arange(window)
+    positions = np.minimum(departures[:, None] + offsets, n)  # (d, window), n: past the group, on the chain
+    readable = np.minimum(positions, n - 1).ravel()
+    steps, ids = vocabulary.longest_known(numbers, readable, lengths[readable])
+    steps = np.minimum(steps.reshape(positions.shape), (window - offsets).astype(np.uint8))  # chunks end in windows
+    starts = _chunk_start_flags(steps.ravel())[: steps.size].reshape(steps.shape)  # (d, window)
+    back = starts & on_chain[positions]  # (d, window) chunk starts of the rule's chain
+    rejoined = back.any(axis=1)
+    first_back = back.argmax(axis=1)  # (d,)
+    rejoins = positions[np.arange(len(departures)), first_back]
+    walked = starts & (offsets < first_back[:, None])  # (d, window): the chunks of each detour
+    detour, offset = np.nonzero(walked & rejoined[:, None])
+    walked_starts, walked_ids = positions[detour, offset], ids.reshape(steps.shape)[detour, offset]
+    if rejoined.all():
+        return rejoins, detour, walked_starts, walked_ids
+    if 4 * window > LONGEST_DETOUR:
+        return None
+    longer = (~rejoined).nonzero()[0]
+    again = _detours(numbers, lengths, on_chain, departures[longer], 4 * window, vocabulary)
+    if again is None:
+        return None
+    rejoins[longer], longer_detours, longer_starts, longer_ids = again
+    detour = np.concatenate([detour, longer[longer_detours]])
+    order = np.argsort(detour, kind="stable")  # each detour's chunks come from one window, in order
+    walked_starts, walked_ids = np.concatenate([walked_starts, longer_starts]), np.concatenate([walked_ids, longer_ids])
+    return rejoins, detour[order], walked_starts[order], walked_ids[order]
+
+
+def _taken_detours(
+    chain: np.ndarray,
+    leaves: np.ndarray,
+    rejoins: np.ndarray,
+    walked_detours: np.ndarray,
+    walked_starts: np.ndarray,
+    walked_ids: np.ndarray,
+) -> Detours:
+    """The detours the real chain takes, from each chunk cut short at `leaves` to `rejoins`, as chain indices: a
+    detour is taken when its chunk cut short is on the real chain, not inside an earlier detour taken."""
+    taken, reach = np.zeros(len(leaves), bool), -1
+    for detour, (leave, rejoin) in enumerate(zip(leaves.tolist(), rejoins.tolist())):
+        if leave >= reach:
+            taken[detour], reach = True, rejoin
+    walked = taken[walked_detours]
+    walked_detours, walked_starts, walked_ids = walked_detours[walked], walked_starts[walked], walked_ids[walked]
+    bounds = np.searchsorted(walked_detours, np.append(taken.nonzero()[0], len(leaves)))  # (k + 1,)
+    begins = np.searchsorted(chain, leaves[taken], "right")  # the chunk after the one cut short
+    return Detours(begins, np.searchsorted(chain, rejoins[taken]), bounds, walked_starts, walked_ids)
+
+
+def _groups(strings: Iterable[str], characters: int) -> Iterator[list[str]]:
+    """Consecutive lists of the strings, each closed once it holds `characters` characters or more."""
+    group, size = [], 0
+    for text in strings:
+        group.append(text)
+        size += len(text)
+        if size >= characters:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _split_texts(texts: list[str]) -> list[str]:
+    """Every chunk of every text by the rule alone (all chunks counted as known), in order."""
+    _, numbers, starts = RULE_ONLY.number(texts)
+    if starts[-1] == 0:
+        return []
+    lengths = _rule_lengths(numbers, starts)
+    bounds = [*_chunk_starts(lengths).tolist(), int(starts[-1])]
+    joined = "".join(texts)
+    return [joined[start:end] for start, end in pairwise(bounds)]
+
+
 def split_chunks(text: str) -> list[str]:
     """The rule's chunks of `text`, with no vocabulary (so no fallback): what a vocabulary is counted from."""
-    return CHUNK_PATTERN.findall(text)
+    return _split_texts([text])
 
 
 def _bytes_to_text(data: bytes) -> str:
@@ -198,8 +588,8 @@ def build_chunk_vocab(
 
     def build(strings: Iterator[str]) -> str:
         counts = Counter()
-        for text in strings:
-            counts.update(split_chunks(text))
+        for group in _groups(strings, GROUP_CHARACTERS):  # numpy calls cost per call: cut whole groups
+            counts.update(_split_texts(group))
         chunks = sorted((c for c in counts if len(c) > 1 or not c.isascii()), key=lambda c: (-counts[c], c))
         if len(chunks) < room:
             warnings.warn(
@@ -210,7 +600,7 @@ def build_chunk_vocab(
         tokens = [*SPECIAL_TOKENS.values(), *BYTE_TOKENS, *chunks[:room]]
         return _vocab_json({token: index for index, token in enumerate(tokens)})
 
-    settings = {"kind": "chunk", "vocab_size": vocab_size, "rule": CHUNK_PATTERN.pattern, "format": 1}
+    settings = {"kind": "chunk", "vocab_size": vocab_size, "rule": "SPEC 4", "trigrams": TRIGRAMS, "format": 1}
     return _cached_build(texts, settings, build, cache_dir, text_column)
 
 
@@ -230,11 +620,14 @@ class I3Tokenizer(PreTrainedTokenizer):
         self.compat = compat
         self._vocab = read_vocab(vocab_file, compat)  # before super().__init__, which asks for the vocabulary
         self._tokens = sorted(self._vocab, key=self._vocab.__getitem__)
-        # Segmentation lookup: an ASCII character missing from the vocabulary falls back to its one byte token, so it
-        # is looked up like a chunk instead of taking the slow fallback path (same ids, far fewer misses).
+        # An ASCII character missing from the vocabulary falls back to its one byte token: it is looked up like a
+        # chunk of its own (same ids), so only characters outside ASCII can be unknown.
         ascii_bytes = {} if compat else {chr(value): self._vocab[BYTE_TOKENS[value]] for value in range(128)}
-        self._chunk_ids = {**ascii_bytes, **self._vocab}
+        self._chunk_vocabulary = ChunkVocabulary({**ascii_bytes, **self._vocab})
         self._byte_values = {} if compat else {token: value for value, token in enumerate(BYTE_TOKENS)}
+        self._byte_ids = np.array([self._vocab[token] for token in BYTE_TOKENS] if not compat else [], np.int64)
+        # id + 1 -> the id as a Python int, made once (so no int is created per token); 0 -> an unknown character's id
+        self._id_objects = np.array([None, *range(len(self._tokens))], dtype=object)
         for name, token in (OPEN_I3_SPECIAL_TOKENS if compat else SPECIAL_TOKENS).items():
             kwargs.setdefault(name, token)
         if not compat:
@@ -256,7 +649,7 @@ class I3Tokenizer(PreTrainedTokenizer):
         return {**self._vocab, **self.get_added_vocab()}
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return list(map(self._tokens.__getitem__, self._encode_text(text)))
+        return list(map(self._tokens.__getitem__, self._encode_batch([text])[0]))
 
     def _convert_token_to_id(self, token: str) -> int:
         return self._vocab.get(token, self.unk_token_id)
@@ -280,52 +673,79 @@ class I3Tokenizer(PreTrainedTokenizer):
 
     # --- text to ids ---
 
-    def _encode_text(self, text: str) -> list[int]:
-        """Ids of `text` by the chunk rule. The regex cuts the whole text as if every chunk were known; only the
-        stretch after an unknown chunk is walked one chunk at a time, until its cuts meet the regex's again."""
-        if self.compat:
-            text = text.lower()
-        chunks = split_chunks(text)
-        ids = list(map(self._chunk_ids.get, chunks))
-        if None not in ids:
-            return ids
-        starts = list(accumulate(map(len, chunks), initial=0))  # starts[k]: where chunk k begins; then len(text)
-        encoded, k = [], 0
-        while True:
-            try:
-                unknown = ids.index(None, k)
-            except ValueError:
-                return encoded + ids[k:]
-            encoded += ids[k:unknown]
-            k = self._encode_until_realigned(text, starts, unknown, encoded)
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text by the chunk rule (the numpy section above), in groups of whole texts of about
+        GROUP_CHARACTERS characters."""
+        return [ids for group in _groups(texts, GROUP_CHARACTERS) for ids in self._encode_group(group)]
 
-    def _encode_until_realigned(self, text: str, starts: list[int], k: int, encoded: list[int]) -> int:
-        """Appends the ids from unknown chunk k on, with the vocabulary fallback, and returns the index of the first
-        regex chunk that starts where a fallback-aware chunk starts (from there the regex cut is right again)."""
-        pos = starts[k]
-        while True:
-            chunk = CHUNK_PATTERN.match(text, pos).group()
-            known = next((chunk[:size] for size in range(len(chunk), 0, -1) if chunk[:size] in self._chunk_ids), "")
-            if known:
-                encoded.append(self._chunk_ids[known])
-            elif self.compat:
-                encoded.append(self.unk_token_id)
-            else:  # a character outside ASCII and the vocabulary: its UTF-8 bytes
-                encoded += (self._vocab[BYTE_TOKENS[value]] for value in text[pos].encode("utf-8", "surrogatepass"))
-            pos += len(known) or 1
-            while starts[k] < pos:
-                k += 1
-            if starts[k] == pos:
-                return k
+    def _encode_group(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text by the chunk rule, the whole group at once."""
+        if self.compat:
+            texts = [text.lower() for text in texts]  # one by one: str.lower's final sigma depends on the neighbours
+        code_points, numbers, starts = self._chunk_vocabulary.number(texts)  # (n + LOOK_AHEAD,) twice
+        if starts[-1] == 0:
+            return [[] for _ in texts]
+        chunk_starts, ids_plus_one, detours = _chunk_group(numbers, starts, self._chunk_vocabulary)  # (chunks,) twice
+        offsets = np.searchsorted(chunk_starts, starts)  # (texts + 1,) where each text's ids begin, then the end
+        if self.compat:
+            self._id_objects[0] = self.unk_token_id
+        else:  # unknown characters become their UTF-8 bytes, on the rule's chain and on the detours
+            ids_plus_one, offsets, begins, ends = self._with_byte_tokens(
+                ids_plus_one, chunk_starts, code_points, offsets, detours.begins, detours.ends
+            )
+            detour_ids, bounds = self._with_byte_tokens(detours.ids, detours.starts, code_points, detours.bounds)
+            detours = Detours(begins, ends, bounds, detours.starts, detour_ids)
+        objects = self._id_objects.take(ids_plus_one)  # (ids,) object: tolist copies references, creating no ints
+        return self._id_lists(objects, offsets, detours)
+
+    def _id_lists(self, objects: np.ndarray, offsets: np.ndarray, detours: Detours) -> list[list[int]]:
+        """Each text's ids as a list: its slice of the rule's chain (`objects`, (chunks,) Python ints), with the
+        stretches the real chain goes around replaced by the detours' ids."""
+        detour_texts = np.searchsorted(offsets, detours.begins - 1, "right") - 1  # the text of each chunk cut short
+        bounds = offsets.tolist()
+        encoded = [objects[start:end].tolist() for start, end in pairwise(bounds)]
+        replacements = self._id_objects.take(detours.ids).tolist()
+        spans = zip(detour_texts.tolist(), detours.begins.tolist(), detours.ends.tolist(),
+                    pairwise(detours.bounds.tolist()))  # fmt: skip
+        for text, text_detours in groupby(spans, key=itemgetter(0)):
+            ids, base, rebuilt, resume = encoded[text], bounds[text], [], bounds[text]
+            for _, begin, end, (first, last) in text_detours:
+                rebuilt += ids[resume - base : begin - base]
+                rebuilt += replacements[first:last]
+                resume = end
+            rebuilt += ids[resume - base :]
+            encoded[text] = rebuilt
+        return encoded
+
+    def _with_byte_tokens(
+        self, ids_plus_one: np.ndarray, chunk_starts: np.ndarray, code_points: np.ndarray, *indices: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        """`ids_plus_one` (chunks,) with each unknown character (0) replaced by the byte tokens of its UTF-8 form (+ 1),
+        then each of `indices` (boundaries between chunks) moved to match."""
+        unknown = (ids_plus_one == 0).nonzero()[0]
+        if not unknown.size:
+            return ids_plus_one, *indices
+        code_points = code_points[chunk_starts[unknown]]
+        text = code_points.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
+        utf8 = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)  # the unknown characters' bytes, in order
+        widths = np.ones(len(ids_plus_one), np.intp)  # (chunks,) ids per chunk
+        widths[unknown] = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+        ids_plus_one = np.repeat(ids_plus_one, widths)  # an unknown character's 0 once per byte, in the order of utf8
+        ids_plus_one[ids_plus_one == 0] = self._byte_ids.take(utf8) + 1
+        moved = np.zeros(len(widths) + 1, np.intp)  # (chunks + 1,) old boundary -> new
+        np.cumsum(widths, out=moved[1:])
+        return ids_plus_one, *(moved[index] for index in indices)
 
     def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
         """Ids of each text; one holding an added token (`<eos>` in a chat) is split on it by transformers first."""
         added = self.get_added_vocab()
-        if split_special_tokens or not added:
-            return list(map(self._encode_text, texts))
         has_added = re.compile("|".join(map(re.escape, added))).search  # `re` caches the compiled pattern
-        return [self.convert_tokens_to_ids(self.tokenize(text)) if has_added(text) else self._encode_text(text)
-                for text in texts]  # fmt: skip
+        if split_special_tokens or not added or not has_added("\n".join(texts)):  # one search for the whole batch;
+            return self._encode_batch(texts)  # a token found across two texts only costs the search text by text
+        special = [has_added(text) is not None for text in texts]
+        plain = iter(self._encode_batch([text for text, split in zip(texts, special) if not split]))
+        return [self.convert_tokens_to_ids(self.tokenize(text)) if split else next(plain)
+                for text, split in zip(texts, special)]  # fmt: skip
 
     def _encode_plus(self, text, text_pair=None, **kwargs) -> BatchEncoding:
         """Plain strings, one or a batch, skip the per-text bookkeeping of the Python backend: ids, then transformers'
@@ -337,7 +757,7 @@ class I3Tokenizer(PreTrainedTokenizer):
         if (
             text_pair is not None
             or not isinstance(texts, (list, tuple))
-            or not all(isinstance(item, str) for item in texts)
+            or not set(map(type, texts)) <= {str}
             or any(kwargs.get(option) for option in generic)
         ):
             return super()._encode_plus(text, text_pair=text_pair, **kwargs)
@@ -351,7 +771,7 @@ class I3Tokenizer(PreTrainedTokenizer):
                 self.truncate_sequences(ids, num_tokens_to_remove=len(ids) - room, truncation_strategy=truncation)[0]
                 for ids in input_ids
             ]
-        if add_special_tokens:
+        if add_special_tokens and self.num_special_tokens_to_add():  # i3's own tokenizers add none
             input_ids = list(map(self.build_inputs_with_special_tokens, input_ids))
         padding = kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD)
         if padding != PaddingStrategy.DO_NOT_PAD:

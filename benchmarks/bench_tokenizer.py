@@ -3,13 +3,20 @@
     python benchmarks/bench_tokenizer.py                      # paragraphs of the five training books, best of 3
     python benchmarks/bench_tokenizer.py --unit line --repeats 5
 
-The published loop is re-typed from SPEC 4's description of the i3-80M code (lower-case, 3 characters on a trigram or
-a space before/after, else 2, prefix fallback, `<UNK>`). I3Tokenizer is called the way `datasets.map(batched=True)`
-calls a tokenizer: `tokenizer(batch)` on lists of `--batch_size` texts. Three comparisons:
+The published loop re-types the structure of the i3-80M code's `ChunkTokenizer.encode`: lower-case the text, then at
+each chunk a method call (`_should_use_3char`) choosing 3 characters on a trigram or a space before/after, else 2, a
+vocabulary lookup through `self`, the prefix fallback, `<UNK>`. I3Tokenizer is called the way `datasets.map(batched=
+True)` calls a tokenizer: `tokenizer(batch)` on lists of `--batch_size` texts, which returns ids and attention masks.
+Both are timed on the same batches, each batch's output dropped before the next. Three comparisons:
   compat  - `I3Tokenizer.from_open_i3_vocab` on the vocabulary the published builder makes from this text (the ids
             must be identical, and are checked);
   fixture - the same with the fixtures' published vocabulary (1,701 chunks of Emma: many unknown chunks);
-  i3      - the lossless tokenizer shipped at the repo root (its own ids).
+  i3      - the lossless tokenizer shipped at the repo root (its own ids), the one training uses.
+
+Measured on the project machine (2 shared cores, best of 7, batches of 1000): on paragraphs the published loop runs at
+4.0-4.3 Mch/s and I3Tokenizer at 44-47 Mch/s in compat (10.7-11.6x), 40-41 Mch/s for i3 (9.6-10.2x: its vocabulary,
+cut at 4,466 tokens, sends the chain on ~90 detours per batch) and 26 Mch/s on the fixture vocabulary (6.5x). Whole
+books: 14x. Lines (63 characters) only 6-7x: each text's own list of ids and of mask costs about 0.4 us in Python.
 """
 
 import argparse
@@ -34,50 +41,60 @@ FIXTURE_VOCAB = REPO / "tests" / "fixtures" / "open-i3" / "chunk_vocab_combined.
 
 
 class PublishedChunkTokenizer:
-    """SPEC 4's chunk tokenizer as the i3-80M code runs it: one Python step per chunk."""
+    """SPEC 4's chunk tokenizer as the i3-80M code runs it (`ChunkTokenizer.encode`), re-typed in its structure: a
+    method call per chunk to decide its length, the vocabulary and trigrams read through `self`, one step per chunk."""
 
-    trigrams = frozenset("the and ing ion tio for tha ter hat his ere ent her was you are not but can all whi one "
-                         "our out whe hav thi wit".split())  # fmt: skip
+    common_trigrams = frozenset("the and ing ion tio for tha ter hat his ere ent her was you are not but can all whi "
+                                "one our out whe hav thi wit".split())  # fmt: skip
 
     def __init__(self, chunk_to_idx: dict[str, int]):
         self.chunk_to_idx = chunk_to_idx
+        self.unk_idx = chunk_to_idx["<UNK>"]
 
     @classmethod
     def build(cls, texts: list[str]) -> "PublishedChunkTokenizer":
         """Every chunk of the lower-cased texts, most frequent first (ties by string), after `<UNK>` = 0."""
-        counts: dict[str, int] = {}
+        rule, counts = cls({"<UNK>": 0}), {}
         for text in texts:
             text, pos = text.lower(), 0
             while pos < len(text):
-                size = cls.chunk_size(text, pos)
-                counts[text[pos : pos + size]] = counts.get(text[pos : pos + size], 0) + 1
-                pos += size
+                chunk = text[pos : pos + min(3 if rule._should_use_3char(pos, text) else 2, len(text) - pos)]
+                counts[chunk] = counts.get(chunk, 0) + 1
+                pos += len(chunk)
         ranked = sorted(counts, key=lambda chunk: (-counts[chunk], chunk))
         return cls({"<UNK>": 0, **{chunk: index for index, chunk in enumerate(ranked, start=1)}})
 
-    @classmethod
-    def chunk_size(cls, text: str, pos: int) -> int:
-        if pos + 3 <= len(text) and (
-            text[pos : pos + 3] in cls.trigrams
-            or (pos > 0 and text[pos - 1] == " ")
-            or (pos + 3 < len(text) and text[pos + 3] == " ")
-        ):
-            return 3
-        return min(2, len(text) - pos)
+    def _should_use_3char(self, pos: int, text: str) -> bool:
+        if pos + 3 > len(text):
+            return False
+        if text[pos : pos + 3] in self.common_trigrams:
+            return True
+        if pos > 0 and text[pos - 1] == " ":
+            return True
+        if pos + 3 < len(text) and text[pos + 3] == " ":
+            return True
+        return False
 
     def encode(self, text: str) -> list[int]:
-        text, pos, ids = text.lower(), 0, []
+        text = text.lower()
+        tokens, pos = [], 0
         while pos < len(text):
-            chunk = text[pos : pos + self.chunk_size(text, pos)]
-            for size in range(len(chunk), 0, -1):
-                if chunk[:size] in self.chunk_to_idx:
-                    ids.append(self.chunk_to_idx[chunk[:size]])
-                    pos += size
+            chunk_len = 3 if self._should_use_3char(pos, text) else 2
+            chunk_len = min(chunk_len, len(text) - pos)
+            chunk = text[pos : pos + chunk_len]
+            if chunk in self.chunk_to_idx:
+                tokens.append(self.chunk_to_idx[chunk])
+                pos += chunk_len
+                continue
+            for shorter in range(chunk_len - 1, 0, -1):  # the longest known prefix
+                if chunk[:shorter] in self.chunk_to_idx:
+                    tokens.append(self.chunk_to_idx[chunk[:shorter]])
+                    pos += shorter
                     break
             else:
-                ids.append(0)
+                tokens.append(self.unk_idx)
                 pos += 1
-        return ids
+        return tokens
 
     def save(self, path: Path) -> None:
         """The published file layout, so `I3Tokenizer.from_open_i3_vocab` can read it."""
@@ -97,14 +114,17 @@ def load_texts(unit: str) -> list[str]:
     return [piece for book in books for piece in book.split(separator) if piece]
 
 
-def best_time(function, repeats: int) -> tuple[float, list]:
-    """Fastest of `repeats` runs (the machine is shared; the minimum is the least disturbed run) and the result."""
-    best, result = float("inf"), None
+def best_time(encode_batch, texts: list[str], batch_size: int, repeats: int) -> float:
+    """Fastest of `repeats` passes over `texts` in batches, each batch's output dropped before the next, as
+    `datasets.map` drops it once written to Arrow (kept, millions of ids would make the garbage collector's full
+    passes part of the timing). The machine is shared: the minimum is the least disturbed pass."""
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        result = function()
+        for i in range(0, len(texts), batch_size):
+            encode_batch(texts[i : i + batch_size])
         best = min(best, time.perf_counter() - start)
-    return best, result
+    return best
 
 
 def batched_ids(tokenizer, texts: list[str], batch_size: int) -> list[list[int]]:
@@ -133,13 +153,16 @@ def main():
         "fixture": (fixture, I3Tokenizer.from_open_i3_vocab(FIXTURE_VOCAB)),
         "i3": (published, lossless),
     }
+    loop_seconds = {  # each published loop timed once: compat and i3 compare with the same one
+        loop: best_time(lambda batch: [loop.encode(text) for text in batch], texts, args.batch_size, args.repeats)
+        for loop in (published, fixture)
+    }
     print(f"{'run':8} {'vocab':>6} {'published loop':>16} {'I3Tokenizer':>16} {'ratio':>6}")
     for name, (loop, tokenizer) in runs.items():
-        loop_seconds, loop_ids = best_time(lambda: [loop.encode(text) for text in texts], args.repeats)
-        fast_seconds, fast_ids = best_time(lambda: batched_ids(tokenizer, texts, args.batch_size), args.repeats)
-        if name != "i3" and fast_ids != loop_ids:
+        if name != "i3" and batched_ids(tokenizer, texts, args.batch_size) != [loop.encode(text) for text in texts]:
             raise SystemExit(f"{name}: I3Tokenizer ids differ from the published loop's")
-        loop_speed, fast_speed = chars / loop_seconds / 1e6, chars / fast_seconds / 1e6
+        fast_seconds = best_time(tokenizer, texts, args.batch_size, args.repeats)
+        loop_speed, fast_speed = chars / loop_seconds[loop] / 1e6, chars / fast_seconds / 1e6
         ratio = fast_speed / loop_speed
         print(f"{name:8} {len(tokenizer):>6} {loop_speed:>10.2f} Mch/s {fast_speed:>10.2f} Mch/s {ratio:>5.1f}x")
 

@@ -11,12 +11,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import glob  # noqa: E402
 import json  # noqa: E402
 import lzma  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+from itertools import product  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -74,8 +77,8 @@ def published_ids(text: str) -> list[int]:
     return spec_encode(text.lower(), FIXTURE_VOCAB, lambda character: [0])
 
 
-def lossless_ids(text: str) -> list[int]:
-    return spec_encode(text, ROOT_VOCAB, lambda character: [ROOT_VOCAB[f"<0x{b:02X}>"] for b in utf8(character)])
+def lossless_ids(text: str, vocab: dict[str, int] = ROOT_VOCAB) -> list[int]:
+    return spec_encode(text, vocab, lambda character: [vocab[f"<0x{b:02X}>"] for b in utf8(character)])
 
 
 def utf8(text: str) -> bytes:
@@ -108,8 +111,8 @@ TEXTS = st.one_of(
 
 @settings(max_examples=1000, deadline=None)
 @given(TEXTS)
-def test_regex_cut_is_the_spec_rule(text):
-    """`split_chunks` cuts any string exactly as SPEC 4's loop does (the fast path relies on it)."""
+def test_split_chunks_is_the_spec_rule(text):
+    """`split_chunks` cuts any string exactly as SPEC 4's loop does (vocabularies are counted from it)."""
     assert split_chunks(text) == spec_split(text)
 
 
@@ -129,8 +132,66 @@ def test_published_ids_batched(compat):
 @settings(max_examples=1000, deadline=None)
 @given(TEXTS)
 def test_published_ids_on_any_text(compat, text):
-    """With the published vocabulary (many unknown chunks), ids equal the re-typed original loop's on any string."""
-    assert compat(text)["input_ids"] == published_ids(text)
+    """With the published vocabulary (many unknown chunks), ids equal the re-typed original loop's on any string
+    (which knows no special tokens, so `<UNK>` written in a text is chunked here too)."""
+    assert compat(text, split_special_tokens=True)["input_ids"] == published_ids(text)
+
+
+# Longer texts for batches: words holding trigrams, capitals, spaces, scripts, emoji, and chunks no vocabulary has;
+# stretches of a held-out book with such words spliced in, where most chunks are known (few detours to walk).
+WORDS = ["the", "The", "and", "nothing", "nation", "whether", "without", "ourselves", "Emma", "Knightley", "can't",
+         "naïve", "café", "£5", "東京", "Ωμέγα", "😀", "qabababab", "xyzzy", "", "  ", "\n", "-", ",", "."]  # fmt: skip
+PROSE = st.lists(st.sampled_from(WORDS), max_size=80).map(" ".join)
+HELD_OUT = lzma.open(REPO_ROOT / "data/austen/persuasion.txt.xz", "rt", encoding="utf-8").read()
+STRETCHES = st.builds(lambda start, size: HELD_OUT[start : start + size], st.integers(0, len(HELD_OUT)),
+                      st.integers(0, 3000))  # fmt: skip
+BOOKISH = st.builds(lambda before, word, after: before + word + after, STRETCHES, st.sampled_from(WORDS), STRETCHES)
+BATCHES = st.one_of(
+    st.lists(st.one_of(TEXTS, PROSE), min_size=1, max_size=8), st.lists(BOOKISH, min_size=1, max_size=8)
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(BATCHES)
+def test_batched_ids_follow_the_rule(compat, root, texts):
+    """Batches (the `datasets.map` path) cut each text as if it were alone: the re-typed original loop's ids with the
+    published vocabulary, the lossless rule's with the default one, and those decode back to every text."""
+    assert compat(texts, split_special_tokens=True)["input_ids"] == list(map(published_ids, texts))
+    encoded = root(texts, split_special_tokens=True)["input_ids"]
+    assert encoded == list(map(lossless_ids, texts))
+    assert list(map(root.decode, encoded)) == texts
+
+
+def write_vocab(path: Path, chunks: list[str]) -> dict[str, int]:
+    """An i3 vocab.json of the special and byte tokens, then `chunks`; returns the vocabulary."""
+    vocab = {token: index for index, token in enumerate(["<unk>", "<pad>", "<bos>", "<eos>", *byte_tokens(), *chunks])}
+    path.write_text(json.dumps(vocab), encoding="utf-8")
+    return vocab
+
+
+def test_detours_of_every_length(tmp_path):
+    """A chunk cut short puts the real chain off the rule's until they meet again ("qa" is missing, so "q" goes alone
+    and the chain runs one character off through an "abab..." run): detours that rejoin within the first window looked
+    up, within a longer one, and in none (then every position is looked up) give the loop's ids, alone or batched."""
+    chunks = ["".join(chunk) for size in (1, 2, 3) for chunk in product("ab ", repeat=size)]  # every one of a, b, space
+    vocab = write_vocab(tmp_path / "vocab.json", chunks)
+    tokenizer = I3Tokenizer(str(tmp_path / "vocab.json"))
+    texts = ["ab" * 300 + "q" + "ab" * run + " ab" * 300 for run in (5, 40, 300)]
+    for batch in [*([text] for text in texts), texts]:
+        assert tokenizer(batch)["input_ids"] == [lossless_ids(text, vocab) for text in batch]
+
+
+def test_vocabulary_of_many_characters(tmp_path):
+    """1,100 CJK characters as tokens: more than a byte per character number and 64-bit chunk keys, same rule."""
+    characters = [chr(0x4E00 + index) for index in range(1100)]
+    chunks = [*characters, *map("".join, zip(characters, characters[1:40])), *map("".join, zip(*[characters[:30]] * 3))]
+    vocab = write_vocab(tmp_path / "vocab.json", chunks)
+    tokenizer = I3Tokenizer(str(tmp_path / "vocab.json"))
+    assert tokenizer._chunk_vocabulary.key_type is np.uint64
+    rng = random.Random(0)
+    alphabet = [*characters[:40], *characters[-5:], " ", "a", "😀", "\u4e00\u4e01\u4e02"]
+    texts = ["".join(rng.choices(alphabet, k=rng.randrange(300))) for _ in range(30)]
+    assert tokenizer(texts)["input_ids"] == [lossless_ids(text, vocab) for text in texts]
 
 
 def test_compat_mode_survives_save_and_reload(compat, tmp_path):
@@ -156,8 +217,9 @@ def test_round_trip_is_lossless(root, text):
 @settings(max_examples=1000, deadline=None)
 @given(TEXTS)
 def test_lossless_ids_follow_the_rule(root, text):
-    """Default-mode ids are the rule with prefix fallback and UTF-8 byte tokens for unknown characters."""
-    assert root(text)["input_ids"] == lossless_ids(text)
+    """Default-mode ids are the rule with prefix fallback and UTF-8 byte tokens for unknown characters (special tokens
+    written in a text are chunked too here, as the rule knows none)."""
+    assert root(text, split_special_tokens=True)["input_ids"] == lossless_ids(text)
 
 
 @settings(max_examples=300, deadline=None)
