@@ -338,7 +338,7 @@ def build_model(config: I3Config, tokenizer, args) -> I3ForCausalLM:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         do_sample=True, temperature=0.8, top_k=50, max_new_tokens=args.max_new_tokens)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 
