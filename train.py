@@ -636,8 +636,8 @@ def model_card(args, accelerator: Accelerator, model, tokenizer, progress, resul
         tokens_per_second=results["tokens_per_second"], command=f"accelerate launch train.py {args.command}".strip(),
         evaluation=evaluation,
         samples="\n\n".join(f"```text\n{text}\n```" for text in progress.evaluations[-1]["samples"]))
-    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation", language=["en"],
-                             tags=["i3", "custom_code"],
+    metadata = ModelCardData(license="apache-2.0", library_name="transformers", pipeline_tag="text-generation",
+                             language=["en"], tags=["i3", "custom_code"],
                              datasets=[s["dataset_name"] for s in args.datasets if s["dataset_name"]] or None)
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")
 
