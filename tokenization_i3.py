@@ -157,22 +157,28 @@ class ChunkVocabulary:
     def chunk_keys(self, numbers: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Keys of the chunks of `lengths` (m,) characters at `positions` (m,), from the character `numbers` of the
         group (n + LOOK_AHEAD,): (m,) key_type."""
-        following = positions + 1
-        keys = numbers[following].astype(self.key_type) << self.key_type(self.bits)
-        following += 1
-        keys |= numbers[following].astype(self.key_type) << self.key_type(2 * self.bits)
-        keys |= numbers[positions]
+        if self.bits == 8:  # a key is the chunk's bytes: one gather of 4 bytes read as a uint32 (twice as fast)
+            words = np.ndarray(len(numbers) - LOOK_AHEAD, np.dtype("<u4"), numbers, strides=(1,))  # overlapping
+            keys = words.take(positions)
+        else:
+            following = positions + 1
+            keys = numbers[following].astype(self.key_type) << self.key_type(self.bits)
+            following += 1
+            keys |= numbers[following].astype(self.key_type) << self.key_type(2 * self.bits)
+            keys |= numbers[positions]
         keys &= self.key_masks.take(lengths)
         return keys
 
     def ids_plus_one(self, keys: np.ndarray) -> np.ndarray:
         """Id + 1 of each key's chunk, 0 when it is not in the vocabulary, (len(keys),) int64."""
-        slots = ((keys * self.multiplier) >> self.shift).astype(np.intp)
+        slots = keys * self.multiplier
+        slots >>= self.shift
+        slots = slots.astype(np.intp)
         found = self.keys.take(slots)
         ids = self.values.take(slots)
-        hit = found == keys
-        ids *= hit
-        probing = (~hit & (found != 0)).nonzero()[0]  # the home slot holds another chunk: this one may be further
+        missed = (found != keys).nonzero()[0]  # few: filtered by index rather than by more passes over every key
+        ids[missed] = 0
+        probing = missed[found[missed] != 0]  # the home slot holds another chunk: this one may be further
         if probing.size:
             further = (slots[probing, None] + self.further_slots) & self.slot_mask  # (k, farthest)
             matches = self.keys.take(further) == keys[probing, None]  # at most one per row
