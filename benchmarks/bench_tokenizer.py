@@ -13,10 +13,12 @@ Both are timed on the same batches, each batch's output dropped before the next.
   fixture - the same with the fixtures' published vocabulary (1,701 chunks of Emma: many unknown chunks);
   i3      - the lossless tokenizer shipped at the repo root (its own ids), the one training uses.
 
-Measured on the project machine (2 shared cores, best of 7, batches of 1000): on paragraphs the published loop runs at
-4.0-4.3 Mch/s and I3Tokenizer at 44-47 Mch/s in compat (10.7-11.6x), 40-41 Mch/s for i3 (9.6-10.2x: its vocabulary,
-cut at 4,466 tokens, sends the chain on ~90 detours per batch) and 26 Mch/s on the fixture vocabulary (6.5x). Whole
-books: 14x. Lines (63 characters) only 6-7x: each text's own list of ids and of mask costs about 0.4 us in Python.
+Measured on the project machine (2 shared cores, best of 3, batches of 1000): on paragraphs the published loop runs at
+4.0-4.5 Mch/s and I3Tokenizer at 46-48 Mch/s in compat (10.3-11.9x), 42-45 Mch/s for i3 (9.8-11.2x: its vocabulary,
+cut at 4,466 tokens, sends the chain on ~90 detours per batch) and 26-27 Mch/s on the fixture vocabulary (6.1-6.7x).
+About a tenth of i3's time is page faults (~12,000 a pass): glibc hands the freed arrays of each group back to the
+system and faults them in again; with MALLOC_MMAP_THRESHOLD_=268435456 in the environment they are gone (46 Mch/s).
+Whole books: 14x. Lines (63 characters) only 6-7x: each text's own list of ids and of mask costs about 0.4 us in Python.
 """
 
 import argparse
