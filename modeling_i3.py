@@ -171,8 +171,9 @@ def without_autocast(tensor: torch.Tensor):
 def split_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """(b, t, ...) -> (b, c, l, ...), zero-padding t up to a multiple of `chunk_size`.
 
-    Zero padding is harmless to every scan here: a padded step has log-decay 0 and input 0, so it leaves the
-    state as it was."""
+    The padded steps come after the last real one, so they never reach a real output; each scan keeps them out of
+    the final state too (i3: log-decay 0 and input 0; open-i3: the state is read at the last real step; WKV: the
+    keys are padded with an empty weight before this call)."""
     pad = -x.shape[1] % chunk_size
     if pad:
         x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))

@@ -24,6 +24,22 @@ from i3.configuration_i3 import I3Config  # noqa: E402
 from i3.modeling_i3 import I3ForCausalLM  # noqa: E402
 
 
+def hub_cache_snapshot(hub_cache: Path, repo_id: str, revision: str = "0" * 40) -> Path:
+    """The folder a Hub download of `repo_id` occupies under `hub_cache` (refs/main points at it), so that the repo
+    loads by id offline; the caller fills it."""
+    repo_dir = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    return repo_dir / "snapshots" / revision
+
+
+def fresh_process_env(tmp_path: Path) -> dict:
+    """Environment for a new Python that sees nothing of this one: offline, its own HF home, Hub and modules caches
+    under `tmp_path`, and no PYTHONPATH into the repo."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home"),
+            "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+
+
 def tiny_config(**overrides) -> I3Config:
     """A 2 recurrent + 2 attention i3 small enough for exhaustive checks on a CPU."""
     fields = dict(

@@ -1,14 +1,13 @@
 """I3ForCausalLM: caches, padding, generation, saving and loading, precision, configuration errors."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_config, tiny_model
+from conftest import REPO_ROOT, fresh_process_env, hub_cache_snapshot, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from i3.configuration_i3 import I3Config
@@ -219,18 +218,15 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def load_in_fresh_process(tmp_path, name_or_path, ids, hub_cache=None):
-    """Load with AutoModelForCausalLM in a new Python started in an unrelated directory; return its logits."""
+def load_in_fresh_process(tmp_path, name_or_path, ids):
+    """Load with AutoModelForCausalLM in a new Python started in an unrelated directory, with `tmp_path / "hub"` as
+    its Hub cache; return its logits."""
     workdir = tmp_path / "elsewhere"
     workdir.mkdir(exist_ok=True)
     torch.save(ids, workdir / "ids.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "PYTHONPATH": ""}
-    if hub_cache is not None:
-        env["HF_HUB_CACHE"] = str(hub_cache)
     (workdir / "load.py").write_text(FRESH_PROCESS_SCRIPT)
-    subprocess.run([sys.executable, "load.py", str(name_or_path), "ids.pt", "out.pt"], cwd=workdir, env=env,
-                   check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "load.py", str(name_or_path), "ids.pt", "out.pt"], cwd=workdir,
+                   env=fresh_process_env(tmp_path), check=True, capture_output=True, text=True)
     result = torch.load(workdir / "out.pt")
     assert result["class"] == "I3ForCausalLM"
     return result["logits"]
@@ -252,15 +248,11 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
 def test_load_by_repo_id_from_a_hub_cache(tmp_path):
     """Laid out as a Hub download (models--org--name/snapshots/<rev>), the model loads by repo id offline."""
     model = tiny_model(seed=5)
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "hub" / "models--i3-org--i3-tiny"
-    model.save_pretrained(repo_dir / "snapshots" / revision)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(revision)
+    model.save_pretrained(hub_cache_snapshot(tmp_path / "hub", "i3-org/i3-tiny"))
     ids = random_ids(1, 9)
     with torch.no_grad():
         expected = model(ids).logits
-    logits = load_in_fresh_process(tmp_path, "i3-org/i3-tiny", ids, hub_cache=tmp_path / "hub")
+    logits = load_in_fresh_process(tmp_path, "i3-org/i3-tiny", ids)
     assert torch.equal(logits, expected)
 
 

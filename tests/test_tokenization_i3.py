@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from conftest import fresh_process_env, hub_cache_snapshot  # noqa: E402
 from tokenization_i3 import I3Tokenizer, build_chunk_vocab, build_tokenizer, split_chunks  # noqa: E402
 
 OPEN_I3 = REPO_ROOT / "tests" / "fixtures" / "open-i3"
@@ -352,18 +353,14 @@ def fresh_loads(root, compat, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fresh")
     root.save_pretrained(tmp / "saved")
     compat.save_pretrained(tmp / "compat")
-    snapshot = tmp / "hub" / "models--i3-test--chunk" / "snapshots" / ("0" * 40)
+    snapshot = hub_cache_snapshot(tmp / "hub", "i3-test/chunk")
     shutil.copytree(tmp / "saved", snapshot)
     for name in ["config.json", "configuration_i3.py"]:  # a model repo: AutoTokenizer reads its config too
         shutil.copy(REPO_ROOT / name, snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     (tmp / "cwd").mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "home"), "HF_HUB_CACHE": str(tmp / "hub"),
-           "HF_MODULES_CACHE": str(tmp / "modules"), "PYTHONPATH": ""}  # fmt: skip
     sources = [str(tmp / "saved"), str(tmp / "compat"), str(REPO_ROOT), "i3-test/chunk"]
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, FRESH_TEXT, *sources], cwd=tmp / "cwd", env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, FRESH_TEXT, *sources], cwd=tmp / "cwd",
+                            env=fresh_process_env(tmp), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
