@@ -1,8 +1,16 @@
 """Configuration of the i3 hybrid language models: recurrent layers at the bottom, causal attention on top."""
 
+import transformers
 from huggingface_hub.dataclasses import strict
+from packaging.version import Version
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# The transformers releases i3 is tested on (CI runs the oldest and the newest); keep in step with requirements.txt.
+TESTED_TRANSFORMERS = ("5.23.0", "5.24")
 
 RECURRENT_MIXERS = ("i3", "open-i3", "rwkv4")
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -34,7 +42,7 @@ class I3Config(PreTrainedConfig):
     """
 
     model_type = "i3"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     # shared
     vocab_size: int = 35560
@@ -143,6 +151,21 @@ class I3Config(PreTrainedConfig):
         if self.low_rank is not None and self.low_rank <= 0:
             raise ValueError(f"`low_rank` must be a positive rank or null, got {self.low_rank}.")
 
+
+def warn_if_untested_transformers():
+    """Remote code runs on whatever transformers is installed, and transformers renames things between releases:
+    outside the tested range, say so once rather than let a rename break generation silently."""
+    oldest, newest = TESTED_TRANSFORMERS
+    installed = Version(transformers.__version__)
+    if installed < Version(oldest) or installed.release[:2] > Version(newest).release[:2]:
+        logger.warning_once(
+            f"i3 is tested with transformers {oldest} to {newest}.x; this is {transformers.__version__}. If loading, "
+            f"caching or generation misbehaves, install a tested release: pip install 'transformers>={oldest},<="
+            f"{newest}.99'."
+        )
+
+
+warn_if_untested_transformers()
 
 # so that `save_pretrained` writes `auto_map` and copies this file next to the weights
 I3Config.register_for_auto_class()

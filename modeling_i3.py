@@ -27,7 +27,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -38,6 +38,44 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_i3 import I3Config
+
+
+# --- the cache's name, which transformers changed in 5.24 ---
+#
+# transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
+# `past_key_values` to `cache`; `generate` passes and reads the new name there, the old one before. i3's forwards
+# accept both names and return the cache under the installed version's name, so every version finds it.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache, passed as `cache` (transformers >= 5.24) or as `past_key_values` (its earlier name)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+    return past_key_values if cache is None else cache
+
+
+class TokenCountingCache(DynamicCache):
+    """A `DynamicCache` that counts the tokens it has seen, for layouts without attention layers.
+
+    transformers reads the cached length from an attention layer's keys (`generate` and learned positions need it), so
+    a cache of recurrent layers alone has none; the model adds each forward's length here instead."""
+
+    def __init__(self, config: I3Config):
+        super().__init__(config=config)
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reset(self):
+        super().reset()
+        self.seen_tokens = 0
+
+
+def new_cache(config: I3Config) -> DynamicCache:
+    """The cache `generate` and `use_cache=True` start from: transformers' own, or one that counts tokens."""
+    return DynamicCache(config=config) if "full_attention" in config.layer_types else TokenCountingCache(config)
 
 
 # --- small pieces ---
@@ -131,33 +169,84 @@ class I3MLP(nn.Module):
 # --- cache and padding helpers shared by the recurrent mixers ---
 
 
+def padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """The (b, t) padding mask of the current tokens for the recurrent layers, or None when nothing is padded (or the
+    mask is a prepared 4D one, which carries no padding of its own)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    attention_mask = attention_mask[:, -seq_len:]
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):  # compiled graphs keep one branch
+        return None
+    return attention_mask
+
+
 def zero_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the (b, t, ...) inputs at padded positions so that padding never reaches a recurrent state."""
+    """Zero the (b, t, ...) inputs at padded positions so that padding never reaches a recurrent state (`where`, not a
+    product, so that a NaN or inf in a padded position stays out too)."""
     if attention_mask is None:
         return hidden_states
-    mask = attention_mask.to(hidden_states.dtype)
-    return hidden_states * mask.view(*mask.shape, *([1] * (hidden_states.dim() - 2)))
+    mask = attention_mask.bool().view(*attention_mask.shape, *([1] * (hidden_states.dim() - 2)))
+    return torch.where(mask, hidden_states, torch.zeros((), dtype=hidden_states.dtype, device=hidden_states.device))
 
 
 def with_history(
-    x: torch.Tensor, width: int, cache: Cache | None, layer_idx: int, state_idx: int
-) -> torch.Tensor:
-    """(b, d, t) -> (b, d, width + t): `x` preceded by the `width` inputs before it (zeros before the sequence
-    start), remembering its last `width` inputs in the cache's conv state `state_idx`. A token shift is width 1,
-    a causal conv of kernel K is width K - 1."""
-    seq_len = x.shape[-1]
+    x: torch.Tensor, width: int, attention_mask: torch.Tensor | None, cache: Cache | None, layer_idx: int,
+    state_idx: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(b, d, t) -> (b, d, width + t): `x` preceded by the `width` real inputs before it (zeros before the sequence
+    start), continuing from the cache's conv state `state_idx` and leaving there the last `width` real inputs. A token
+    shift is width 1, a causal conv of kernel K is width K - 1.
+
+    A padded step must enter nobody's history, wherever it sits (left, right, or inside a continuation): when there
+    is a mask, each row is stably sorted so that its padded steps come first, ahead of the history, and the real steps
+    follow in their order. The second result is that order (None without a mask), for `restore_order`."""
+    history = cache.get_conv_state(layer_idx, state_idx) if cache is not None else None
+    history = x.new_zeros(*x.shape[:-1], width) if history is None else history[..., -width:].to(x.dtype)
+    sequence = torch.cat([history, x], dim=-1)
+    order = None
+    if attention_mask is not None:
+        is_real = torch.cat([attention_mask.new_ones(x.shape[0], width), attention_mask], dim=-1).bool()
+        order = torch.argsort(is_real.to(torch.int8), dim=-1, stable=True)  # (b, width + t), padded steps first
+        sequence = sequence.gather(-1, order[:, None].expand_as(sequence))
     if cache is not None:
-        # returns the cached inputs followed by x, or x alone (left-padded to `width`) on the first call
-        x = cache.update_conv_state(x, layer_idx, state_idx=state_idx, conv_kernel_size=width)
-    return F.pad(x, (width + seq_len - x.shape[-1], 0))
+        cache.update_conv_state(sequence[..., -width:], layer_idx, state_idx=state_idx, conv_kernel_size=width)
+    return sequence, order
+
+
+def restore_order(outputs: torch.Tensor, order: torch.Tensor | None, width: int) -> torch.Tensor:
+    """(b, d, t) outputs computed on a `with_history` sequence (output s belongs to its step `width + s`), put back
+    in the order of the steps. Padded steps receive arbitrary values: callers zero them."""
+    if order is None:
+        return outputs
+    sorted_position = torch.argsort(order, dim=-1)[:, width:]  # (b, t): where each step went
+    return outputs.gather(-1, (sorted_position - width).clamp(min=0)[:, None].expand_as(outputs))
 
 
 def previous_tokens(
-    hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int, state_idx: int
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, layer_idx: int,
+    state_idx: int,
 ) -> torch.Tensor:
-    """(b, t, d) -> (b, t, d): x_{t-1} for every t (RWKV token shift), continuing from the cache."""
-    history = with_history(hidden_states.transpose(1, 2), 1, cache, layer_idx, state_idx)
-    return history[..., :-1].transpose(1, 2)
+    """(b, t, d) -> (b, t, d): the previous real token x_{t-1} for every t (RWKV token shift), continuing from the
+    cache."""
+    history, order = with_history(hidden_states.transpose(1, 2), 1, attention_mask, cache, layer_idx, state_idx)
+    return restore_order(history[..., :-1], order, 1).transpose(1, 2)
+
+
+def check_padding_keeps_state(attention_mask: torch.Tensor | None, continuing: bool, keeps_state: bool, mixer: str):
+    """The `open-i3` and `rwkv4` scans decay their state at every step, input or not, so a padded step is harmless
+    only where the state is still empty (left padding of a new sequence) or where nothing reads the state afterwards
+    (right padding without a cache). Refuse every other mask rather than compute a wrong state."""
+    if attention_mask is None:
+        return
+    is_real = attention_mask.bool()
+    state_is_live = (is_real.cumsum(-1) > 0) | continuing
+    real_follows = is_real.flip(-1).cumsum(-1).flip(-1) > is_real.long()
+    if ((~is_real) & state_is_live & (real_follows | keeps_state)).any():
+        raise ValueError(
+            f"The `{mixer}` recurrent mixer decays its state at every step, so it accepts padding only before the "
+            "first token of a new sequence (left padding), or after the last one when no cache is kept. This "
+            "attention_mask pads after real tokens or inside a continuation: pad on the left, or call without a cache."
+        )
 
 
 # --- scan helpers shared by the chunked scans ---
@@ -280,24 +369,24 @@ class I3RecurrentMixer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
-        cache = past_key_values
         ssm_state = cache.get_recurrent_state(self.layer_idx, self.STATE_SSM) if cache is not None else None
         hidden_states = zero_padding(hidden_states, attention_mask)
 
         # 1. token shift: m_t = x_t + mu (x_{t-1} - x_t)
-        previous = previous_tokens(hidden_states, cache, self.layer_idx, self.STATE_SHIFT)
+        previous = previous_tokens(hidden_states, attention_mask, cache, self.layer_idx, self.STATE_SHIFT)
         mixed = torch.lerp(hidden_states, previous, self.time_mix)
 
         # 2. [u, z] = W_in m
         u, z = self.in_proj(mixed).chunk(2, dim=-1)
 
-        # 3. causal depthwise conv, then SiLU; padded positions are zeroed again after the conv's bias
-        u = with_history(u.transpose(1, 2), self.conv_kernel - 1, cache, self.layer_idx, self.STATE_SSM)
-        u = F.silu(self.conv1d(u).transpose(1, 2))
-        u = zero_padding(u, attention_mask)
+        # 3. causal depthwise conv over the real steps, then SiLU; padded positions are zeroed again after the bias
+        u, order = with_history(u.transpose(1, 2), self.conv_kernel - 1, attention_mask, cache, self.layer_idx,
+                                self.STATE_SSM)
+        u = restore_order(self.conv1d(u), order, self.conv_kernel - 1)
+        u = zero_padding(F.silu(u.transpose(1, 2)), attention_mask)
 
         # 4. selective SSM; a padded step gets dt = 0, so it neither decays nor feeds the state
         dt, B, C = self.x_proj(u).split([self.num_heads, self.state_size, self.state_size], dim=-1)
@@ -401,10 +490,10 @@ class I3LtiMixer(nn.Module):
         self.C = nn.Parameter(torch.empty(config.hidden_size, config.state_size))
         self.D = nn.Parameter(torch.empty(config.hidden_size))
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
-        cache = past_key_values
+    def forward(self, hidden_states, attention_mask=None, cache=None):
         average = cache.get_conv_state(self.layer_idx, self.STATE) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
+        check_padding_keeps_state(attention_mask, state is not None, cache is not None, "open-i3")
         x = zero_padding(hidden_states, attention_mask).float()
         average = average[..., 0] if average is not None else None
 
@@ -530,11 +619,11 @@ class I3WkvTimeMix(nn.Module):
         self.receptance = make_linear(config, size, size, bias=False)
         self.output = make_linear(config, size, size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
-        cache = past_key_values
+    def forward(self, hidden_states, attention_mask=None, cache=None):
         state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
+        check_padding_keeps_state(attention_mask, state is not None, cache is not None, "rwkv4")
         x = zero_padding(hidden_states, attention_mask)
-        previous = previous_tokens(x, cache, self.layer_idx, self.STATE)
+        previous = previous_tokens(x, attention_mask, cache, self.layer_idx, self.STATE)
         k = self.key(x * self.time_mix_k + previous * (1 - self.time_mix_k))
         v = self.value(x * self.time_mix_v + previous * (1 - self.time_mix_v))
         r = torch.sigmoid(self.receptance(x * self.time_mix_r + previous * (1 - self.time_mix_r)))
@@ -566,9 +655,9 @@ class I3WkvChannelMix(nn.Module):
         self.receptance = make_linear(config, size, size, bias=False)
         self.value = make_linear(config, config.intermediate_size, size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
+    def forward(self, hidden_states, attention_mask=None, cache=None):
         x = zero_padding(hidden_states, attention_mask)
-        previous = previous_tokens(x, past_key_values, self.layer_idx, self.STATE)
+        previous = previous_tokens(x, attention_mask, cache, self.layer_idx, self.STATE)
         k = torch.square(torch.relu(self.key(x * self.time_mix_k + previous * (1 - self.time_mix_k))))
         r = torch.sigmoid(self.receptance(x * self.time_mix_r + previous * (1 - self.time_mix_r)))
         return r * self.value(k)
@@ -611,7 +700,7 @@ class I3Attention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -621,8 +710,8 @@ class I3Attention(nn.Module):
         )
         if self.use_rope:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -663,20 +752,20 @@ class I3DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == "full_attention":
             hidden_states, _ = self.self_attn(
-                hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+                hidden_states, position_embeddings, attention_mask, cache, **kwargs
             )
         else:
-            hidden_states = self.linear_attn(hidden_states, attention_mask, past_key_values)
+            hidden_states = self.linear_attn(hidden_states, attention_mask, cache)
         hidden_states = residual + hidden_states
         feed_forward_input = self.post_attention_layernorm(hidden_states)
-        return hidden_states + self.mlp(feed_forward_input, attention_mask=attention_mask, past_key_values=past_key_values)
+        return hidden_states + self.mlp(feed_forward_input, attention_mask=attention_mask, cache=cache)
 
 
 class I3PreTrainedModel(PreTrainedModel):
@@ -684,7 +773,7 @@ class I3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["I3DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
     _is_stateful = True
@@ -752,35 +841,32 @@ class I3Model(I3PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
+        """`cache` (or `past_key_values`, its name before transformers 5.24) continues from earlier tokens."""
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = new_cache(self.config)
+        seq_len = inputs_embeds.shape[1]
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device) + self.cached_length(cache)
             position_ids = position_ids.unsqueeze(0)
 
-        # one mask per layer type, unless `generate` already prepared them (it does for compiled static caches)
+        # one mask per layer type present, unless `generate` already prepared them (it does for static caches)
         if not isinstance(masks := attention_mask, dict):
-            mask_kwargs = {
-                "config": self.config,
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
-                "position_ids": position_ids,
-            }
-            masks = {
-                "full_attention": create_causal_mask(**mask_kwargs),
-                "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
-            }
+            masks = {"linear_attention": padding_mask(attention_mask, seq_len)}
+            if "full_attention" in self.config.layer_types:  # the cache goes by position: its name changed in 5.24
+                masks["full_attention"] = create_causal_mask(
+                    self.config, inputs_embeds, attention_mask, cache, position_ids
+                )
 
         hidden_states = inputs_embeds
         position_embeddings = None
@@ -794,11 +880,26 @@ class I3Model(I3PreTrainedModel):
                 hidden_states,
                 attention_mask=masks[decoder_layer.layer_type],
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
+        if isinstance(cache, TokenCountingCache):
+            cache.seen_tokens += seq_len
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
+
+    @staticmethod
+    def cached_length(cache: Cache | None) -> int:
+        """Tokens already in `cache`, which the positions of new ones continue from."""
+        if cache is None:
+            return 0
+        if all(cache.is_linear) and not isinstance(cache, TokenCountingCache):
+            raise ValueError(
+                "This i3 layout has no attention layer, so a plain DynamicCache cannot tell how many tokens it holds: "
+                "pass `position_ids`, or a `TokenCountingCache(config)` from modeling_i3, or let the model create "
+                "its cache (`use_cache=True`)."
+            )
+        return cache.get_seq_length()
 
     def check_learned_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Learned positions end at `max_position_embeddings`: past it there is no embedding, so refuse clearly."""
@@ -828,19 +929,21 @@ class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        """`labels` are the input ids (shifted inside; -100 is ignored). Returns logits (b, t, vocab) and the cache."""
+        """`labels` are the input ids (shifted inside; -100 is ignored). Returns logits (b, t, vocab) and the cache;
+        `cache` may also be passed as `past_key_values`, its name before transformers 5.24."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -853,13 +956,25 @@ class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """`generate` builds transformers' cache; a layout without attention layers needs one that counts tokens."""
+        given = model_kwargs.get(CACHE_NAME)
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get(CACHE_NAME) is not given and "full_attention" not in self.config.layer_types:
+            model_kwargs[CACHE_NAME] = new_cache(self.config)
+
+    def save_pretrained(self, *args, **kwargs):
+        """Saved folders also load as the bare backbone (`AutoModel`: hidden states, embeddings)."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling_i3.I3Model"}
+        return super().save_pretrained(*args, **kwargs)
 
 
 # so that `save_pretrained` writes `auto_map` and copies the code files next to the weights
 I3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["I3ForCausalLM", "I3Model", "I3PreTrainedModel"]
+__all__ = ["I3ForCausalLM", "I3Model", "I3PreTrainedModel", "TokenCountingCache"]

@@ -254,6 +254,13 @@ def chat_renderer(tokenizer):
     return lambda messages: render_jinja_template([messages], chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)[0][0]
 
 
+def first_documents(documents, count: int):
+    """At most `count` documents (datasets 4.x refuses to `take` more rows than a dataset has)."""
+    if isinstance(documents, datasets.Dataset):
+        count = min(count, len(documents))
+    return documents.take(count)
+
+
 def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each document, ended by the end-of-text token so the model learns where documents stop."""
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -287,8 +294,9 @@ def build_dataloaders(args, accelerator: Accelerator):
         train_documents = parts[0] if len(parts) == 1 else datasets.interleave_datasets(
             parts, probabilities=None if None in probabilities else probabilities, seed=args.seed,
             stopping_strategy="all_exhausted")
-        tokenizer = given or build_tokenizer(args.tokenizer_type, train_documents.take(args.tokenizer_max_documents),
-                                             args.vocab_size, args.tokenizer_cache_dir)
+        tokenizer = given or build_tokenizer(
+            args.tokenizer_type, first_documents(train_documents, args.tokenizer_max_documents), args.vocab_size,
+            args.tokenizer_cache_dir)
         if tokenizer.eos_token_id is None:
             fail(f"--tokenizer_name {args.tokenizer_name}: the tokenizer has no end-of-text (eos) token")
         workers = {} if args.streaming else {"num_proc": args.preprocessing_num_workers}
@@ -296,7 +304,7 @@ def build_dataloaders(args, accelerator: Accelerator):
             lambda batch: {"input_ids": encode_documents(tokenizer, batch["text"])},
             batched=True, remove_columns=["text"], **workers,
         ).map(group_texts, batched=True, fn_kwargs={"block_size": args.block_size}, **workers)
-        held_out = [documents.take(args.max_eval_documents) if args.max_eval_documents else documents
+        held_out = [first_documents(documents, args.max_eval_documents) if args.max_eval_documents else documents
                     for source in args.datasets
                     if (documents := load_documents(source, "validation", args, render_chat)) is not None]
     if args.streaming:
