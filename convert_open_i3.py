@@ -260,8 +260,11 @@ def load_tokenizer(path: Path, vocab_size: int):
             raise ConversionError(f"{path}: a chunk vocab needs tokenization_i3.py next to this script ({error})")
         tokenizer = I3Tokenizer.from_open_i3_vocab(path)
     elif "model" in data:
+        # the i3 chat template ("Role: content" lines, assistant turns ended by <EOS>), as i3's own BPE models use
+        chat_template = get_class_from_dynamic_module("tokenization_i3.CHAT_TEMPLATE", REPO_DIR)
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(path), unk_token="<UNK>", pad_token="<PAD>", bos_token="<BOS>", eos_token="<EOS>"
+            tokenizer_file=str(path), unk_token="<UNK>", pad_token="<PAD>", bos_token="<BOS>", eos_token="<EOS>",
+            chat_template=chat_template, padding_side="left",
         )
     else:
         raise ConversionError(f"{path}: is neither an open-i3 chunk vocab nor a `tokenizers` tokenizer.json.")
@@ -343,6 +346,8 @@ def write_folder(output_dir: Path, model, tokenizer, card: str):
     try:
         model.save_pretrained(staging)  # model.safetensors, config.json with auto_map, generation_config, code
         if tokenizer is not None:
+            if model.config.position_embedding_type == "learned":  # so that `truncation=True` stops at the last one
+                tokenizer.model_max_length = model.config.max_position_embeddings
             tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(card, encoding="utf-8")
         if output_dir.exists():

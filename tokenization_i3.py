@@ -82,6 +82,17 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
+# The published i3-80M saw only lower-cased text (its tokenizer lower-cases everything) and has no end-of-text
+# token, so its chat lines are lower case and nothing marks the end of a turn: generation stops at `max_new_tokens`.
+OPEN_I3_CHAT_TEMPLATE = """\
+{%- for message in messages %}
+    {{- message['role'] + ': ' + message['content'] | lower + '\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- 'assistant:' }}
+{%- endif %}
+"""
+
 
 # --- the chunk rule over a group of texts at once (numpy; one implementation for every path) ---
 #
@@ -636,8 +647,8 @@ class I3Tokenizer(PreTrainedTokenizer):
         self._id_objects = np.array([None, *range(len(self._tokens))], dtype=object)
         for name, token in (OPEN_I3_SPECIAL_TOKENS if compat else SPECIAL_TOKENS).items():
             kwargs.setdefault(name, token)
-        if not compat:
-            kwargs.setdefault("chat_template", CHAT_TEMPLATE)
+        kwargs.setdefault("chat_template", OPEN_I3_CHAT_TEMPLATE if compat else CHAT_TEMPLATE)
+        kwargs.setdefault("padding_side", "left")  # right padding would shift the recurrent states of a batch
         kwargs.setdefault("clean_up_tokenization_spaces", False)  # any clean-up would break the round trip
         super().__init__(compat=compat, **kwargs)
 
@@ -837,11 +848,12 @@ def build_tokenizer(
         settings = {"kind": "bpe", "vocab_size": vocab_size, "tokenizers": tokenizers.__version__, "format": 1}
         path = _cached_build(texts, settings, lambda strings: _train_bpe(strings, vocab_size), cache_dir, text_column)
         return PreTrainedTokenizerFast(
-            tokenizer_file=str(path), chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS
+            tokenizer_file=str(path), chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+            padding_side="left", **SPECIAL_TOKENS
         )
     raise ValueError(f'kind must be "chunk" or "bpe", not {kind!r}')
 
 
 I3Tokenizer.register_for_auto_class("AutoTokenizer")  # save_pretrained then writes auto_map and copies this file
 
-__all__ = ["I3Tokenizer", "build_chunk_vocab", "build_tokenizer", "read_vocab", "split_chunks"]
+__all__ = ["CHAT_TEMPLATE", "I3Tokenizer", "build_chunk_vocab", "build_tokenizer", "read_vocab", "split_chunks"]

@@ -543,6 +543,8 @@ def export(args, accelerator: Accelerator, model, tokenizer, progress: TrainingP
     output_dir = Path(args.output_dir)
     model = accelerator.unwrap_model(model)
     model.save_pretrained(output_dir)  # weights, config with auto_map, code files, generation_config.json
+    if model.config.position_embedding_type == "learned":  # so that `truncation=True` stops at the last position
+        tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.save_pretrained(output_dir)
     final = progress.evaluations[-1]
     results = {key: value for key, value in final.items() if key != "samples"}

@@ -1,4 +1,5 @@
-"""I3ForCausalLM: caches, padding, generation, saving and loading, precision, configuration errors."""
+"""I3ForCausalLM: caches, padding, saving and loading, precision, configuration errors (generation through its
+clients is in test_generation.py)."""
 
 import json
 import subprocess
@@ -60,44 +61,6 @@ def test_chunk_size_does_not_change_logits():
     torch.testing.assert_close(logits[1], logits[2], atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_generate_with_cache_equals_without_cache():
-    """64 greedy tokens decoded from the cache equal 64 tokens each recomputed from the whole sequence."""
-    model = tiny_model()
-    prompt = random_ids(2, 7)
-    with_cache = model.generate(prompt, max_new_tokens=64, do_sample=False, use_cache=True, eos_token_id=None)
-    without_cache = model.generate(prompt, max_new_tokens=64, do_sample=False, use_cache=False, eos_token_id=None)
-    assert with_cache.shape == (2, 71)
-    assert torch.equal(with_cache, without_cache)
-
-
-def test_greedy_generate_equals_argmax_loop():
-    """`generate` is exactly the argmax loop over full forwards: no hidden state leaks between steps."""
-    model = tiny_model(seed=3)
-    sequence = random_ids(1, 6, seed=3)
-    generated = model.generate(sequence, max_new_tokens=20, do_sample=False, eos_token_id=None)
-    with torch.no_grad():
-        for _ in range(20):
-            next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, next_token], dim=1)
-    assert torch.equal(generated, sequence)
-
-
-@pytest.mark.parametrize("position_embedding_type", POSITION_TYPES)
-@pytest.mark.parametrize("recurrent_mixer", MIXERS)
-def test_left_padded_batch_generates_as_each_prompt_alone(recurrent_mixer, position_embedding_type):
-    """Prompts of lengths 3, 8 and 12, left-padded into one batch, generate exactly what each does alone."""
-    model = tiny_model(seed=1, recurrent_mixer=recurrent_mixer, position_embedding_type=position_embedding_type)
-    prompts = [random_ids(1, length, seed=length)[0] for length in (3, 8, 12)]
-    width = max(len(p) for p in prompts)
-    pad = model.config.pad_token_id
-    batch = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
-    batched = model.generate(batch, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
-    for row, prompt in enumerate(prompts):
-        alone = model.generate(prompt[None], max_new_tokens=24, do_sample=False, eos_token_id=None)
-        assert torch.equal(batched[row, width:], alone[0, len(prompt):]), f"prompt {row} diverged"
-
-
 def test_padding_does_not_touch_recurrent_states():
     """After a left-padded prefill, every recurrent state equals the state of the unpadded prompt."""
     model = tiny_model()
@@ -131,23 +94,6 @@ def test_labels_give_the_shifted_cross_entropy():
         out.logits[:, :-1].reshape(-1, 99), labels[:, 1:].reshape(-1), ignore_index=-100
     )
     torch.testing.assert_close(out.loss, expected)
-
-
-def test_sampling_top_k_top_p_and_beam_search_run():
-    """Sampling with top-k / top-p and beam search produce well-formed sequences of the asked length."""
-    model = tiny_model()
-    prompt = random_ids(2, 5)
-    torch.manual_seed(0)
-    sampled = model.generate(prompt, do_sample=True, top_k=10, top_p=0.9, temperature=0.8, max_new_tokens=12,
-                             eos_token_id=None)
-    beams = model.generate(prompt, num_beams=3, num_return_sequences=2, max_new_tokens=12, do_sample=False,
-                           eos_token_id=None)
-    assert sampled.shape == (2, 17) and beams.shape == (4, 17)
-    assert torch.equal(sampled[:, :5], prompt) and torch.equal(beams[::2, :5], prompt)
-    # beam search without a cache re-scores from scratch: the same best beams
-    no_cache = model.generate(prompt, num_beams=3, num_return_sequences=2, max_new_tokens=12, do_sample=False,
-                              eos_token_id=None, use_cache=False)
-    assert torch.equal(beams, no_cache)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -313,25 +259,18 @@ def test_eager_attention_equals_sdpa_and_records_outputs():
     assert [a.shape for a in eager.attentions] == [(2, 4, 9, 9)] * 2  # the two attention layers
     torch.testing.assert_close(eager.attentions[0].sum(-1)[1], torch.ones(4, 9))
 
+@pytest.mark.parametrize("version, warns", [("5.22.2", True), ("5.23.0", False), ("5.24.3", False), ("5.25.0", True)])
+def test_transformers_outside_the_tested_range_warns_with_the_range(monkeypatch, version, warns):
+    """Loading i3 under a transformers release outside the tested range warns and names the range; inside, no word."""
+    import transformers
 
-def test_static_cache_generates_as_the_dynamic_cache():
-    """`cache_implementation="static"` (the compile-friendly cache) gives the dynamic cache's greedy tokens."""
-    model = tiny_model()
-    ids = random_ids(2, 7)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[0, :2] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
-    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))
+    from i3 import configuration_i3
 
-
-def test_generation_continues_from_returned_cache_and_from_embeddings():
-    """Generating 3 then 3 more tokens from the returned cache equals generating 6; `inputs_embeds` prompts work."""
-    model = tiny_model()
-    ids = random_ids(2, 7)
-    greedy = dict(do_sample=False, eos_token_id=None)
-    first = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True, **greedy)
-    continued = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=3, **greedy)
-    full = model.generate(ids, max_new_tokens=6, **greedy)
-    assert torch.equal(continued, full)
-    from_embeddings = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=6, **greedy)
-    assert torch.equal(from_embeddings, full[:, 7:])
+    messages = []
+    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.setattr(configuration_i3.logger, "warning_once", messages.append)
+    configuration_i3.warn_if_untested_transformers()
+    assert bool(messages) == warns
+    if warns:
+        oldest, newest = configuration_i3.TESTED_TRANSFORMERS
+        assert oldest in messages[0] and newest in messages[0] and version in messages[0]

@@ -10,7 +10,7 @@ import torch
 from conftest import FIXTURES, REPO_ROOT
 from safetensors.torch import load_file, save_file
 from test_modeling_i3 import load_in_fresh_process
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
 
 from i3.configuration_i3 import I3Config
 from i3.convert_open_i3 import OPEN_I3_URL, main
@@ -250,3 +250,36 @@ def test_bpe_tokenizer_json_is_saved_with_the_model(tmp_path):
     special_ids = [tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
     assert special_ids == [0, 1, 2, 3]
     assert tokenizer("a truth").input_ids == bpe.encode("a truth").ids
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_converted_checkpoint_answers_chat_messages(tmp_path, style):
+    """Converted with its tokenizer, a published checkpoint answers chat messages in the text-generation pipeline
+    (the argmax loop's tokens after its chat template), pads on the left, and truncates at its learned positions."""
+    if style == "80m":
+        vocab = OPEN_I3 / "chunk_vocab_combined.json"
+    else:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        bpe = Tokenizer(models.BPE(unk_token="<UNK>"))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<UNK>", "<PAD>", "<BOS>", "<EOS>"])
+        bpe.train_from_iterator(["User: how are you?\nAssistant: well, thank you."] * 20, trainer=trainer)
+        vocab = tmp_path / "tokenizer.json"
+        bpe.save(str(vocab))
+    convert(fixture_file(style, "pytorch_model.bin"), tmp_path / "out", "--num_heads", 4, "--vocab", vocab)
+    generator = pipeline("text-generation", model=str(tmp_path / "out"), trust_remote_code=True)
+    tokenizer, model = generator.tokenizer, generator.model
+    assert tokenizer.padding_side == "left" and tokenizer.model_max_length == 32
+    assert len(tokenizer("word " * 40, truncation=True).input_ids) == 32
+    messages = [{"role": "user", "content": "How are you?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                        return_tensors="pt")["input_ids"]
+    reply = generator(messages, max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    new = ids[0, -6:]
+    if tokenizer.eos_token_id is not None and (new == tokenizer.eos_token_id).any():
+        new = new[: int((new == tokenizer.eos_token_id).nonzero()[0, 0])]
+    assert reply == {"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)}
