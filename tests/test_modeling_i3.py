@@ -262,12 +262,10 @@ def test_eager_attention_equals_sdpa_and_records_outputs():
 @pytest.mark.parametrize("version, warns", [("5.22.2", True), ("5.23.0", False), ("5.24.3", False), ("5.25.0", True)])
 def test_transformers_outside_the_tested_range_warns_with_the_range(monkeypatch, version, warns):
     """Loading i3 under a transformers release outside the tested range warns and names the range; inside, no word."""
-    import transformers
-
     from i3 import configuration_i3
 
     messages = []
-    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.setattr(configuration_i3.transformers, "__version__", version)
     monkeypatch.setattr(configuration_i3.logger, "warning_once", messages.append)
     configuration_i3.warn_if_untested_transformers()
     assert bool(messages) == warns
