@@ -106,11 +106,33 @@ def test_one_process_run_writes_a_hub_ready_folder(single_run):
 
 
 def test_export_loads_in_a_text_generation_pipeline(workspace, single_run):
-    """A fresh process loads the export with `pipeline("text-generation", trust_remote_code=True)` and generates."""
+    """A fresh process loads the export with `pipeline("text-generation", trust_remote_code=True)`: greedy text and
+    chat replies decoded from the cache equal the argmax loop over uncached full forwards, and so does sampling with a
+    seed (`generate(use_cache=False)`)."""
     code = (
+        "import torch\n"
         "from transformers import pipeline\n"
         f"generator = pipeline('text-generation', model={str(single_run)!r}, trust_remote_code=True)\n"
-        "print('GENERATED', repr(generator('It is a truth', max_new_tokens=5)[0]['generated_text']))\n"
+        "model, tokenizer = generator.model, generator.tokenizer\n"
+        "ids = tokenizer('It is a truth', return_tensors='pt').input_ids\n"
+        "reference = ids\n"
+        "with torch.no_grad():\n"
+        "    for _ in range(12):\n"
+        "        next_id = model(reference, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)\n"
+        "        reference = torch.cat([reference, next_id], dim=1)\n"
+        "        if next_id.item() == tokenizer.eos_token_id:\n"
+        "            break\n"
+        "text = generator('It is a truth', max_new_tokens=12, do_sample=False)[0]['generated_text']\n"
+        "expected = tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)\n"
+        "assert text == 'It is a truth' + expected, (text, reference)\n"
+        "reply = generator([{'role': 'user', 'content': 'Hello'}], max_new_tokens=6, do_sample=False)\n"
+        "assert reply[0]['generated_text'][-1]['role'] == 'assistant'\n"
+        "sampled = []\n"
+        "for use_cache in (True, False):\n"
+        "    torch.manual_seed(0)\n"
+        "    sampled.append(model.generate(ids, do_sample=True, top_k=50, max_new_tokens=12, use_cache=use_cache))\n"
+        "assert torch.equal(*sampled), sampled\n"
+        "print('GENERATED', repr(text))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], env=workspace.env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
