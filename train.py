@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -29,12 +30,13 @@ from itertools import chain
 from pathlib import Path
 
 import datasets
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from matplotlib.figure import Figure
 from torch import nn
@@ -154,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if known.config:
         parser.set_defaults(**read_recipe(known.config, {action.dest for action in parser._actions}))
     args = parser.parse_args(argv)
+    check_numbers(args)
     args.command = shlex.join(sys.argv[1:] if argv is None else argv)
     args.model_config = str(existing_path(args.model_config, "--model_config"))
     args.model = model_config(args)
@@ -165,6 +168,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
     return args
+
+
+# every numeric flag and the values it accepts (None: the flag may be left out)
+NUMBER_RANGES = {
+    "vocab_size": ("at least 260 (the special and byte tokens)", lambda value: value >= 260),
+    "tokenizer_max_documents": ("a positive integer", lambda value: value > 0),
+    "block_size": ("at least 2 tokens", lambda value: value >= 2),
+    "max_eval_documents": ("a positive integer", lambda value: value is None or value > 0),
+    "preprocessing_num_workers": ("a positive integer", lambda value: value is None or value > 0),
+    "per_device_train_batch_size": ("a positive integer", lambda value: value > 0),
+    "per_device_eval_batch_size": ("a positive integer", lambda value: value > 0),
+    "gradient_accumulation_steps": ("a positive integer", lambda value: value > 0),
+    "learning_rate": ("a positive number", lambda value: math.isfinite(value) and value > 0),
+    "weight_decay": ("zero or more", lambda value: math.isfinite(value) and value >= 0),
+    "max_grad_norm": ("a positive number", lambda value: value > 0),
+    "max_train_steps": ("a positive integer", lambda value: value > 0),
+    "num_warmup_steps": ("zero or more", lambda value: value >= 0),
+    "min_lr_rate": ("between 0 and 1", lambda value: 0 <= value <= 1),
+    "eval_steps": ("zero (only at the end) or more", lambda value: value >= 0),
+    "max_new_tokens": ("a positive integer", lambda value: value > 0),
+    "checkpointing_steps": ("zero (never) or more", lambda value: value >= 0),
+    "checkpoints_total_limit": ("zero (keep all) or more", lambda value: value >= 0),
+    "seed": ("zero or more", lambda value: value >= 0),
+}
+
+
+def check_numbers(args):
+    for name, (expected, accepts) in NUMBER_RANGES.items():
+        if not accepts(getattr(args, name)):
+            fail(f"--{name} {getattr(args, name)}: must be {expected}")
 
 
 def read_recipe(path: str, argument_names: set[str]) -> dict:
@@ -254,6 +287,14 @@ def chat_renderer(tokenizer):
     return lambda messages: render_jinja_template([messages], chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)[0][0]
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of --tokenizer_name (a folder or a Hub id), or a one-line error that names it."""
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        fail(f"--tokenizer_name {name!r} could not be loaded: {str(error).strip().splitlines()[0]}")
+
+
 def first_documents(documents, count: int):
     """At most `count` documents (datasets 4.x refuses to `take` more rows than a dataset has)."""
     if isinstance(documents, datasets.Dataset):
@@ -273,20 +314,23 @@ def group_texts(batch: dict, block_size: int) -> dict:
 
 
 def evaluation_windows(documents: list[list[int]], block_size: int, eos_id: int) -> list[dict]:
-    """Windows over EOS + every held-out document, overlapping by one token, so that each token after the leading
-    EOS is predicted exactly once (the model shifts labels by one); the last window's padding is not scored."""
+    """Windows over EOS + every held-out document (each ending with EOS), overlapping by one token, so that each
+    text token is predicted exactly once (the model shifts labels by one). The EOS separators are read as context but
+    never scored, so bits per byte divides the text's own NLL by the text's own bytes; padding is not scored either."""
     stream = [eos_id, *chain.from_iterable(documents)]
+    labels = [-100, *chain.from_iterable(document[:-1] + [-100] for document in documents)]
     windows = []
     for start in range(0, len(stream) - 1, block_size - 1):
         window = stream[start : start + block_size]
         padding = block_size - len(window)
-        windows.append({"input_ids": window + [eos_id] * padding, "labels": window + [-100] * padding})
+        windows.append({"input_ids": window + [eos_id] * padding,
+                        "labels": labels[start : start + block_size] + [-100] * padding})
     return windows
 
 
 def build_dataloaders(args, accelerator: Accelerator):
     """Tokenizer, training blocks (shuffled per epoch) and held-out windows with their UTF-8 byte count."""
-    given = AutoTokenizer.from_pretrained(args.tokenizer_name, trust_remote_code=True) if args.tokenizer_name else None
+    given = load_tokenizer(args.tokenizer_name) if args.tokenizer_name else None
     render_chat = chat_renderer(given)
     with accelerator.main_process_first():  # the main process fills the caches, the others then read them
         parts = [load_documents(source, "train", args, render_chat) for source in args.datasets]
@@ -328,6 +372,7 @@ def model_config(args) -> I3Config:
     if args.config_overrides:
         try:
             config.update_from_string(args.config_overrides)
+            config.validate_architecture()
         except ValueError as error:
             fail(f"--config_overrides {args.config_overrides!r}: {error}")
     if config.position_embedding_type == "learned" and args.block_size > config.max_position_embeddings:
@@ -451,11 +496,13 @@ def training_batches(loader: DataLoader, progress: TrainingProgress, accelerator
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
 
-def train_step(model, batches, optimizer, scheduler, accelerator: Accelerator, args, progress) -> float:
-    """One optimizer step over the micro-batches Accelerate accumulates; returns the loss averaged over processes."""
-    losses = []
+def train_step(model, batches, optimizer, scheduler, accelerator: Accelerator, args, progress) -> tuple[float, int]:
+    """One optimizer step over the micro-batches Accelerate accumulates (always --gradient_accumulation_steps of them:
+    an epoch's end does not cut a step short); returns the loss averaged over processes and the tokens trained on."""
+    losses, tokens = [], 0
     while True:
         batch = next(batches)
+        tokens += batch["input_ids"].numel() * accelerator.num_processes
         with accelerator.accumulate(model):
             loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
             losses.append(accelerator.reduce(loss.detach(), "mean"))
@@ -471,7 +518,7 @@ def train_step(model, batches, optimizer, scheduler, accelerator: Accelerator, a
             scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
-            return torch.stack(losses).mean().item()
+            return torch.stack(losses).mean().item(), tokens
 
 
 def record_step(progress, bar, accelerator: Accelerator, loss: float, seconds: float, tokens: int, learning_rate):
@@ -625,7 +672,8 @@ def model_card(args, accelerator: Accelerator, model, tokenizer, progress, resul
         f"Held out: {', '.join(held_out)}, {eval_bytes:,} bytes of UTF-8, never trained on.\n\n"
         "| loss (nats/token) | perplexity (per token) | bits per byte |\n|---|---|---|\n"
         f"| {results['eval_loss']:.4f} | {results['perplexity']:.2f} | {results['bits_per_byte']:.4f} |\n\n"
-        "Bits per byte (sum of token NLL / ln 2 / bytes) compares models with different tokenizers.")
+        "Bits per byte (sum of token NLL / ln 2 / UTF-8 bytes of the text) compares models with different "
+        "tokenizers; the end-of-text separators between documents are read as context but not scored.")
     threads = torch.get_num_threads()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({threads} thread(s))"
     body = CARD.format(
@@ -666,17 +714,45 @@ def describe_source(source: dict) -> str:
 # --- main ---
 
 
+def thread_count_was_chosen() -> bool:
+    """Whether the user chose the thread count (OMP_NUM_THREADS, or `accelerate launch --num_cpu_threads_per_process`).
+    `accelerate launch` sets OMP_NUM_THREADS=1 for its processes when given neither, so under the launcher its own
+    environment and command line tell the two apart."""
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # not started by `accelerate launch`
+        return "OMP_NUM_THREADS" in os.environ
+    try:
+        launcher = psutil.Process().parent()
+        return "OMP_NUM_THREADS" in launcher.environ() or any(
+            argument.startswith("--num_cpu_threads_per_process") for argument in launcher.cmdline())
+    except psutil.Error:  # cannot tell: keep what the launcher chose
+        return True
+
+
+def use_all_cores(accelerator: Accelerator) -> str:
+    """One CPU process uses every core it may run on, unless the user chose a thread count; says which it was."""
+    if accelerator.device.type != "cpu" or accelerator.num_processes > 1:
+        return ""
+    if thread_count_was_chosen():
+        return " (as set by OMP_NUM_THREADS / --num_cpu_threads_per_process)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(cores)
+    return f" (all {cores} cores: no thread count was set)"
+
+
 def main():
     args = parse_args()
+    # a step always sums --gradient_accumulation_steps micro-batches, across epoch ends too (equal to one large batch)
+    accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        gradient_accumulation_plugin=accumulation, mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         dynamo_backend="inductor" if args.torch_compile else None)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
+    threads = use_all_cores(accelerator)
     logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device} with {torch.get_num_threads()} "
-                f"thread(s) each, mixed precision {accelerator.mixed_precision}", main_process_only=True)
+                f"thread(s) each{threads}, mixed precision {accelerator.mixed_precision}", main_process_only=True)
     set_seed(args.seed)
 
     tokenizer, train_loader, eval_loader, eval_bytes = build_dataloaders(args, accelerator)
@@ -693,16 +769,14 @@ def main():
         accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
 
     checkpoint_dir = Path(args.output_dir) / "checkpoints"
-    tokens_per_step = (args.per_device_train_batch_size * args.block_size * args.gradient_accumulation_steps
-                       * accelerator.num_processes)
     batches = training_batches(train_loader, progress, accelerator)
     model.train()
     bar = tqdm(total=args.max_train_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
     with logging_redirect_tqdm(), bar:  # log lines print above the bar
         while progress.step < args.max_train_steps:
             start = time.perf_counter()
-            loss = train_step(model, batches, optimizer, scheduler, accelerator, args, progress)
-            record_step(progress, bar, accelerator, loss, time.perf_counter() - start, tokens_per_step,
+            loss, tokens = train_step(model, batches, optimizer, scheduler, accelerator, args, progress)
+            record_step(progress, bar, accelerator, loss, time.perf_counter() - start, tokens,
                         scheduler.get_last_lr()[0])
             last_step = progress.step == args.max_train_steps
             if last_step or (args.eval_steps and progress.step % args.eval_steps == 0):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from accelerate import Accelerator
 from accelerate.utils import write_basic_config
 
@@ -191,7 +192,7 @@ def test_held_out_text_reaches_neither_training_nor_the_vocabulary(workspace, in
     held_out_text = tokenizer.decode(scored)
     held_out_file = (workspace.corpus / "persuasion.txt").read_text()
     assert MARKER not in training_text and "Emma Woodhouse" in training_text
-    assert held_out_text == held_out_file + tokenizer.eos_token and held_out_file[:300] not in training_text
+    assert held_out_text == held_out_file and held_out_file[:300] not in training_text
     assert eval_bytes == len(held_out_file.encode())
     texts = [(workspace.corpus / f"{name}.txt").read_text() for name in ("emma", "prideprejudice", "persuasion")]
     marker_chunks = set(split_chunks(held_out_file)) - set(split_chunks(texts[0] + texts[1]))
@@ -201,11 +202,14 @@ def test_held_out_text_reaches_neither_training_nor_the_vocabulary(workspace, in
 
 
 def test_every_held_out_token_is_scored_once():
-    """Evaluation windows overlap by one token, so each token after the leading EOS is a label exactly once."""
-    documents = [list(range(10, 27)), list(range(30, 35))]
+    """Evaluation windows overlap by one token, so each text token is a label exactly once; the EOS separators are
+    in the inputs but never scored (bits per byte counts exactly the text's bytes)."""
+    documents = [list(range(10, 27)) + [3], list(range(30, 35)) + [3]]
     windows = train.evaluation_windows(documents, block_size=8, eos_id=3)
     scored = [label for window in windows for label in window["labels"][1:] if label != -100]
-    assert scored == [*documents[0], *documents[1]]
+    assert scored == [*documents[0][:-1], *documents[1][:-1]]
+    inputs = [token for window in windows for token in window["input_ids"][1:]]
+    assert inputs[: len(documents[0]) + len(documents[1])] == [*documents[0], *documents[1]]
     assert all(len(window["input_ids"]) == 8 for window in windows)
 
 
@@ -308,3 +312,97 @@ def test_unknown_column_fails_in_one_line_and_keeps_earlier_output(workspace, si
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: --text_column 'foo' not in dataset columns ['text']")
     assert {path: path.stat().st_mtime_ns for path in single_run.rglob("*")} == before
+
+
+def launched_log(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("setting, threads", [(None, "all"), ("OMP_NUM_THREADS", 1), ("--num_cpu_threads_per_process", 1)])
+def test_one_cpu_process_uses_every_core_unless_told(workspace, setting, threads):
+    """`accelerate launch train.py` gives its one CPU process every core (and says so); a thread count the user sets
+    through OMP_NUM_THREADS or --num_cpu_threads_per_process wins."""
+    args = workspace.args(workspace.root / f"threads-{setting}", "--max_train_steps", "1", "--eval_steps", "0",
+                          "--checkpointing_steps", "0")
+    command, env = workspace.launch_command(args), dict(workspace.launch_env)
+    if setting == "OMP_NUM_THREADS":
+        env["OMP_NUM_THREADS"] = "1"
+    elif setting:
+        command.insert(command.index("--num_processes"), "--num_cpu_threads_per_process=1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, launched_log(result)[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    expected = f"with {cores} thread(s) each (all {cores} cores" if threads == "all" else "with 1 thread(s) each (as set"
+    assert expected in launched_log(result)
+
+
+def test_accumulated_micro_batches_give_the_large_batch_update(workspace):
+    """2 accumulated micro-batches of 4 blocks give the weights one batch of 8 gives, to float tolerance."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        output_dir = workspace.root / f"accumulate-{batch}x{accumulation}"
+        workspace.launch(workspace.args(output_dir, "--per_device_train_batch_size", str(batch),
+                                        "--gradient_accumulation_steps", str(accumulation), "--max_train_steps", "2",
+                                        "--eval_steps", "0", "--checkpointing_steps", "0"))
+        weights.append(load_file(output_dir / "model.safetensors"))
+        assert results(output_dir)["train_tokens"] == 2 * 8 * 32
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_resumed_across_an_epoch_end_equals_uninterrupted(workspace, tmp_path):
+    """On data of 5 micro-batches an epoch, with 2 accumulated a step, every step still sums 2 micro-batches (step 3
+    spans two epochs, none is cut short), and a run killed after step 2 and resumed ends with the uninterrupted run's
+    losses."""
+    short = tmp_path / "short.txt"
+    short.write_text((workspace.corpus / "emma.txt").read_text()[:1_200])
+
+    def args(output_dir, *extra):
+        return workspace.args(output_dir, "--train_file", str(short), "--per_device_train_batch_size", "4",
+                              "--gradient_accumulation_steps", "2", "--max_train_steps", "5", "--eval_steps", "0",
+                              "--checkpointing_steps", "2", *extra)
+
+    uninterrupted = tmp_path / "uninterrupted"
+    workspace.launch(args(uninterrupted))
+    assert results(uninterrupted)["train_tokens"] == 5 * 2 * 4 * 32
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(workspace.launch_command(args(killed)), env=workspace.launch_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in process.stdout:
+        if "checkpoint" in line and "step_2" in line:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    workspace.launch(args(killed, "--resume_from_checkpoint", "latest"))
+    for key in ("train_loss", "eval_loss", "bits_per_byte", "train_tokens"):
+        assert results(killed)[key] == results(uninterrupted)[key], key
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "-1"], "error: --learning_rate -1.0: must be a positive number"),
+    (["--per_device_train_batch_size", "0"], "error: --per_device_train_batch_size 0: must be a positive integer"),
+    (["--gradient_accumulation_steps", "0"], "error: --gradient_accumulation_steps 0: must be a positive integer"),
+    (["--max_train_steps", "-5"], "error: --max_train_steps -5: must be a positive integer"),
+    (["--block_size", "1"], "error: --block_size 1: must be at least 2 tokens"),
+    (["--min_lr_rate", "1.5"], "error: --min_lr_rate 1.5: must be between 0 and 1"),
+    (["--vocab_size", "100"], "error: --vocab_size 100: must be at least 260"),
+    (["--config_overrides", "hidden_size=30"], "error: --config_overrides 'hidden_size=30': `hidden_size` (30) must"),
+])
+def test_bad_numbers_and_overrides_stop_in_one_line(workspace, tmp_path, flags, message):
+    """Out-of-range numbers and overrides the model cannot be built from stop in one line naming the flag, before
+    anything is read or written."""
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(workspace.args(tmp_path / "out", *flags))
+    assert str(stop.value.code).startswith(message) and "\n" not in str(stop.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tokenizer_names_the_argument(tmp_path):
+    """A --tokenizer_name that is neither a folder nor a loadable Hub id stops in one line naming it."""
+    with pytest.raises(SystemExit) as stop:
+        train.load_tokenizer(str(tmp_path / "no-such-tokenizer"))
+    message = str(stop.value.code)
+    assert message.startswith(f"error: --tokenizer_name {str(tmp_path / 'no-such-tokenizer')!r} could not be loaded")
+    assert "\n" not in message
