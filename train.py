@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from matplotlib.figure import Figure
 from torch import nn
@@ -395,17 +395,32 @@ def build_model(config: I3Config, tokenizer, args) -> I3ForCausalLM:
     return model
 
 
-def build_optimizer(model: nn.Module, args, num_processes: int):
-    """AdamW that decays only the weight matrices of linear and conv layers: norms, biases, embeddings and the
-    recurrences' own parameters (A_log, dt_bias, D, time_mix, time_decay, time_first, w_mix, A...) keep their scale."""
-    decayed = {id(module.weight) for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv1d))}
-    decayed |= {id(module.A) for module in model.modules() if isinstance(module, I3LowRankLinear)}
-    decayed |= {id(module.B) for module in model.modules() if isinstance(module, I3LowRankLinear)}
-    decayed -= {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}  # tied heads
-    parameters = list(model.parameters())
+def decayed_parameter_names(model: nn.Module) -> set[str]:
+    """The weight matrices of linear and conv layers: the only parameters weight decay applies to. Norms, biases,
+    embeddings (an output head tied to them included) and the recurrences' own parameters (A_log, dt_bias, D,
+    time_mix, time_decay, w_mix, A...) keep their scale."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, I3LowRankLinear):
+            names |= {f"{module_name}.A", f"{module_name}.B"}
+        elif isinstance(module, (nn.Linear, nn.Conv1d)):
+            names.add(f"{module_name}.weight")
+    return names & {name for name, _ in model.named_parameters()}  # a tied head is listed under its embedding
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the bare model, from its name inside DDP / FSDP1 / activation-checkpoint wrappers."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name.removeprefix("module.")
+
+
+def build_optimizer(model: nn.Module, decayed: set[str], args, num_processes: int):
+    """AdamW with weight decay on the `decayed` parameter names only, and the learning-rate schedule."""
+    parameters = [(unwrapped_name(name), parameter) for name, parameter in model.named_parameters()]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in parameters if id(p) in decayed], "weight_decay": args.weight_decay},
-         {"params": [p for p in parameters if id(p) not in decayed], "weight_decay": 0.0}],
+        [{"params": [p for name, p in parameters if name in decayed], "weight_decay": args.weight_decay},
+         {"params": [p for name, p in parameters if name not in decayed], "weight_decay": 0.0}],
         lr=args.learning_rate)
     # Accelerate steps a prepared scheduler once per process at every optimizer step, hence the factor
     scheduler = get_scheduler(
@@ -413,6 +428,33 @@ def build_optimizer(model: nn.Module, args, num_processes: int):
         num_training_steps=args.max_train_steps * num_processes,
         scheduler_specific_kwargs={"min_lr_rate": args.min_lr_rate} if "min_lr" in args.lr_scheduler_type else None)
     return optimizer, scheduler
+
+
+def prepare_model_and_optimizer(model: nn.Module, args, accelerator: Accelerator):
+    """The model wrapped for the engine (DDP, FSDP, DeepSpeed), its optimizer and schedule.
+
+    FSDP2 and DeepSpeed take the optimizer with the model and map its groups onto the sharded parameters. FSDP1 swaps
+    the parameters for flat shards as it wraps, so the optimizer is built after wrapping, which keeps the decay groups
+    only with `fsdp_use_orig_params: true` (as configs/accelerate/fsdp1.yaml sets)."""
+    decayed = decayed_parameter_names(model)
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        if not accelerator.state.fsdp_plugin.use_orig_params:
+            fail("FSDP1 needs fsdp_use_orig_params: true in the accelerate config to keep weight decay off norms and "
+                 "biases (see configs/accelerate/fsdp1.yaml), or use FSDP2 (fsdp_version: 2)")
+        model = accelerator.prepare(model)
+        optimizer, scheduler = build_optimizer(model, decayed, args, accelerator.num_processes)
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        return model, optimizer, scheduler
+    optimizer, scheduler = build_optimizer(model, decayed, args, accelerator.num_processes)
+    return accelerator.prepare(model, optimizer, scheduler)
+
+
+def parameters_are_sharded(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3): then every process must take
+    part in each forward, generation included."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 # --- training state, checkpoints ---
@@ -552,20 +594,25 @@ def evaluate(model, loader: DataLoader, accelerator: Accelerator, num_bytes: int
 
 
 def sample(model, tokenizer, accelerator: Accelerator, args) -> list[str]:
-    """Continuations of --sample_prompts, sampled with a fixed seed off the training RNG streams."""
-    if not accelerator.is_main_process:
+    """Continuations of --sample_prompts, sampled with a fixed seed off the training RNG streams. Every process
+    generates, so that sharded weights are gathered by all of them together (`synced_gpus` keeps them stepping in
+    lockstep); the main process keeps the texts."""
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        logger.info("no samples: FSDP1 cannot generate from flat-sharded parameters (FSDP2 can)", main_process_only=True)
         return []
     model = accelerator.unwrap_model(model)
     model.eval()
     texts = []
-    with torch.random.fork_rng(devices=[]):
+    cuda_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(args.seed)
         for prompt in args.sample_prompts:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(accelerator.device)
-            output = model.generate(ids, max_new_tokens=args.max_new_tokens)
+            output = model.generate(ids, max_new_tokens=args.max_new_tokens,
+                                    synced_gpus=parameters_are_sharded(accelerator) and accelerator.num_processes > 1)
             texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
     model.train()
-    return texts
+    return texts if accelerator.is_main_process else []
 
 
 def evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, args, progress):
@@ -585,11 +632,13 @@ def export(args, accelerator: Accelerator, model, tokenizer, progress: TrainingP
     """Everything `from_pretrained(..., trust_remote_code=True)` and the Hub need, in --output_dir; returns the
     final results (on the main process)."""
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every process joins the gather of sharded weights
     if not accelerator.is_main_process:
         return {}
     output_dir = Path(args.output_dir)
     model = accelerator.unwrap_model(model)
-    model.save_pretrained(output_dir)  # weights, config with auto_map, code files, generation_config.json
+    # weights, config with auto_map, code files, generation_config.json
+    model.save_pretrained(output_dir, state_dict=state_dict)
     if model.config.position_embedding_type == "learned":  # so that `truncation=True` stops at the last position
         tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.save_pretrained(output_dir)
@@ -750,6 +799,10 @@ def main():
         dynamo_backend="inductor" if args.torch_compile else None)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
+    started = int(os.environ.get("WORLD_SIZE", 1))
+    if started != accelerator.num_processes:  # e.g. an FSDP or DeepSpeed config on a machine without GPUs
+        fail(f"{started} processes were launched on {accelerator.device} but each runs alone: on CPUs, run DDP with "
+             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu; the FSDP and DeepSpeed configs need GPUs")
     threads = use_all_cores(accelerator)
     logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device} with {torch.get_num_threads()} "
                 f"thread(s) each{threads}, mixed precision {accelerator.mixed_precision}", main_process_only=True)
@@ -758,9 +811,8 @@ def main():
     tokenizer, train_loader, eval_loader, eval_bytes = build_dataloaders(args, accelerator)
     model = build_model(args.model, tokenizer, args)
     logger.info(f"{model.num_parameters():,} parameters, vocabulary {len(tokenizer):,}", main_process_only=True)
-    optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    model, optimizer, scheduler = prepare_model_and_optimizer(model, args, accelerator)
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
     if args.resume_from_checkpoint:

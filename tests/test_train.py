@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import write_basic_config
 
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, tiny_config, tiny_model
 from i3.tokenization_i3 import split_chunks
 
 spec = importlib.util.spec_from_file_location("train", REPO_ROOT / "train.py")
@@ -406,3 +406,37 @@ def test_missing_tokenizer_names_the_argument(tmp_path):
     message = str(stop.value.code)
     assert message.startswith(f"error: --tokenizer_name {str(tmp_path / 'no-such-tokenizer')!r} could not be loaded")
     assert "\n" not in message
+
+
+def test_accelerate_configs_for_sharded_engines_load():
+    """The shipped FSDP2, FSDP1 and DeepSpeed configs load through Accelerate's own reader with the settings train.py
+    relies on (I3DecoderLayer as the shard unit, original parameters for FSDP1, 16-bit gathering for ZeRO-3)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = REPO_ROOT / "configs" / "accelerate"
+    for name in ("fsdp2", "fsdp1"):
+        fsdp = load_config_from_file(str(folder / f"{name}.yaml")).fsdp_config
+        assert fsdp["fsdp_version"] == int(name[-1]) and fsdp["fsdp_transformer_layer_cls_to_wrap"] == "I3DecoderLayer"
+    assert load_config_from_file(str(folder / "fsdp1.yaml")).fsdp_config["fsdp_use_orig_params"] is True
+    for stage in (2, 3):
+        deepspeed = load_config_from_file(str(folder / f"deepspeed-zero{stage}.yaml")).deepspeed_config
+        assert deepspeed["zero_stage"] == stage
+    assert load_config_from_file(str(folder / "deepspeed-zero3.yaml")).deepspeed_config["zero3_save_16bit_model"]
+
+
+def test_optimizer_groups_survive_wrapping():
+    """Weight decay reaches exactly the linear and conv weight matrices, also when the parameters are named inside
+    DDP, FSDP1 or activation-checkpoint wrappers, and never an embedding or a head tied to it."""
+    model = tiny_model(tie_word_embeddings=True)
+    decayed = train.decayed_parameter_names(model)
+    expected = {name for name, parameter in model.named_parameters() if parameter.dim() >= 2} - {
+        "model.embed_tokens.weight"}
+    assert decayed == expected
+    assert train.unwrapped_name("module._fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module."
+                                "_checkpoint_wrapped_module.linear_attn.in_proj.weight") == \
+        "model.layers.0.linear_attn.in_proj.weight"
+    args = train.parse_args(["--output_dir", "unused-out"])
+    optimizer, _ = train.build_optimizer(model, decayed, args, num_processes=1)
+    decay_group, plain_group = optimizer.param_groups
+    assert decay_group["weight_decay"] == args.weight_decay and plain_group["weight_decay"] == 0
+    assert {id(p) for p in decay_group["params"]} == {id(p) for n, p in model.named_parameters() if n in expected}
