@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "token ids come from the tokenizer)")
     group.add_argument("--config_overrides", help='preset fields to change, e.g. "hidden_size=128,chunk_size=32"')
     group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
-    group.add_argument("--torch_compile", action="store_true", help="compile the model (inductor) through Accelerate")
+    group.add_argument("--torch_compile", action="store_true",
+                       help="compile each decoder layer (inductor): one compile per layer kind, training only")
 
     group = parser.add_argument_group("Tokenizer (built from training documents and cached, unless given)")
     group.add_argument("--tokenizer_name", help="an existing tokenizer folder or Hub id to use instead")
@@ -392,6 +393,11 @@ def build_model(config: I3Config, tokenizer, args) -> I3ForCausalLM:
         do_sample=True, temperature=0.8, top_k=50, max_new_tokens=args.max_new_tokens)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if args.torch_compile:
+        # regional compilation, in place: layers of one kind share their compiled code (two compiles in all, seconds
+        # rather than the minutes of a whole-model graph) and the weights keep their names
+        for layer in model.model.layers:
+            layer.compile()
     return model
 
 
@@ -616,8 +622,10 @@ def sample(model, tokenizer, accelerator: Accelerator, args) -> list[str]:
 
 
 def evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, args, progress):
-    results = evaluate(model, eval_loader, accelerator, eval_bytes) if eval_loader is not None else {}
-    samples = sample(model, tokenizer, accelerator, args)
+    # compiled layers run their eager code here: other shapes and no-grad mode must not trigger recompiles
+    with torch.compiler.set_stance("force_eager"):
+        results = evaluate(model, eval_loader, accelerator, eval_bytes) if eval_loader is not None else {}
+        samples = sample(model, tokenizer, accelerator, args)
     progress.evaluations.append({"step": progress.step, **results, "samples": samples})
     accelerator.log({f"eval/{name}": value for name, value in results.items()}, step=progress.step)
     summary = ", ".join(f"{name} {value:.4f}" for name, value in results.items())
@@ -795,8 +803,7 @@ def main():
     accelerator = Accelerator(
         gradient_accumulation_plugin=accumulation, mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        dynamo_backend="inductor" if args.torch_compile else None)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
     started = int(os.environ.get("WORLD_SIZE", 1))
@@ -828,8 +835,10 @@ def main():
         while progress.step < args.max_train_steps:
             start = time.perf_counter()
             loss, tokens = train_step(model, batches, optimizer, scheduler, accelerator, args, progress)
-            record_step(progress, bar, accelerator, loss, time.perf_counter() - start, tokens,
-                        scheduler.get_last_lr()[0])
+            seconds = time.perf_counter() - start
+            if args.torch_compile and progress.step == 0:
+                logger.info(f"first step, compilation included: {seconds:.1f} s", main_process_only=True)
+            record_step(progress, bar, accelerator, loss, seconds, tokens, scheduler.get_last_lr()[0])
             last_step = progress.step == args.max_train_steps
             if last_step or (args.eval_steps and progress.step % args.eval_steps == 0):
                 evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, args, progress)
