@@ -27,7 +27,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -249,6 +249,42 @@ def check_padding_keeps_state(attention_mask: torch.Tensor | None, continuing: b
         )
 
 
+# --- packed documents: position ids that restart mark where a document starts ---
+
+FORGET = -1e4  # a log-decay whose exp is exactly 0 in float32: the state before a document start is dropped
+
+
+def document_starts(position_ids: torch.Tensor, attention_mask, cache: Cache | None) -> torch.Tensor | None:
+    """(b, t) True where a new document starts inside a packed row, by transformers' own rule (position ids that do
+    not step by one, as padding-free collators produce; only without a padding mask or a cache), or None."""
+    if attention_mask is not None or cache is not None or position_ids.shape[-1] < 2:
+        return None
+    segments = find_packed_sequence_indices(position_ids)
+    if segments is None:
+        return None
+    return torch.diff(segments, prepend=segments[:, :1], dim=-1) != 0
+
+
+def conv_within_documents(sequence: torch.Tensor, conv: nn.Conv1d, starts: torch.Tensor) -> torch.Tensor:
+    """The causal depthwise `conv` over a `with_history` sequence (b, d, K - 1 + t) -> (b, d, t), where no window
+    reaches back across a document start: each window's inputs from an earlier document count as zeros."""
+    kernel = conv.kernel_size[0]
+    windows = sequence.unfold(-1, kernel, 1)  # (b, d, t, K): inputs t - K + 1 .. t
+    document = F.pad(starts.long().cumsum(-1), (kernel - 1, 0)).unfold(-1, kernel, 1)  # (b, t, K)
+    same_document = (document == document[..., -1:]).to(sequence.dtype)[:, None]  # (b, 1, t, K)
+    return torch.einsum("bdtk,dk->bdt", windows * same_document, conv.weight[:, 0]) + conv.bias[:, None]
+
+
+def refuse_packing(starts: torch.Tensor | None, mixer: str):
+    """The published mixers have no way to drop their state inside a row: packed documents would leak."""
+    if starts is not None:
+        raise ValueError(
+            f"Packed documents (position_ids that restart inside a row) need the `i3` recurrent mixer; the `{mixer}` "
+            "mixer of the published checkpoints would carry one document's state into the next. Pass one document "
+            "per row (with padding) instead."
+        )
+
+
 # --- scan helpers shared by the chunked scans ---
 
 
@@ -306,11 +342,13 @@ def i3_scan_chunked(u, dt, log_a, B, C, D, *, chunk_size, initial_state=None):
     cumulative = torch.cumsum(log_a, dim=-1)  # (b, h, c, l): log-decay from the chunk start to step l
 
     # 1. inside chunks: y_l = sum_{s <= l} exp(log-decay s -> l) (C_l . B_s) x_s
-    scores = torch.einsum("bcln,bcsn->bcls", C, B)[:, None] * torch.exp(segment_sum(log_a))  # (b, h, c, l, s)
+    decay = torch.exp(segment_sum(log_a))  # (b, h, c, l, s)
+    scores = torch.einsum("bcln,bcsn->bcls", C, B)[:, None] * decay
     y = torch.einsum("bhcls,bcshp->bclhp", scores, x)
 
-    # 2. the state each chunk leaves behind when it starts from zero
-    decay_to_end = torch.exp(cumulative[..., -1:] - cumulative)  # (b, h, c, l)
+    # 2. the state each chunk leaves behind when it starts from zero (decays to the chunk's last step, each summed
+    #    from its own terms, so a document start's huge log-decay cannot cancel out of a difference)
+    decay_to_end = decay[..., -1, :]  # (b, h, c, s)
     chunk_states = torch.einsum("bhcl,bclhp,bcln->bchpn", decay_to_end, x, B)
 
     # 3. across chunks: the state entering each chunk, from the initial state and every earlier chunk
@@ -370,13 +408,17 @@ class I3RecurrentMixer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        document_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`document_starts` (b, t), for packed rows: every state starts afresh there (shift, conv and SSM)."""
         batch, seq_len, _ = hidden_states.shape
         ssm_state = cache.get_recurrent_state(self.layer_idx, self.STATE_SSM) if cache is not None else None
         hidden_states = zero_padding(hidden_states, attention_mask)
 
-        # 1. token shift: m_t = x_t + mu (x_{t-1} - x_t)
+        # 1. token shift: m_t = x_t + mu (x_{t-1} - x_t), with no previous token at a document start
         previous = previous_tokens(hidden_states, attention_mask, cache, self.layer_idx, self.STATE_SHIFT)
+        if document_starts is not None:
+            previous = zero_padding(previous, ~document_starts)
         mixed = torch.lerp(hidden_states, previous, self.time_mix)
 
         # 2. [u, z] = W_in m
@@ -385,13 +427,18 @@ class I3RecurrentMixer(nn.Module):
         # 3. causal depthwise conv over the real steps, then SiLU; padded positions are zeroed again after the bias
         u, order = with_history(u.transpose(1, 2), self.conv_kernel - 1, attention_mask, cache, self.layer_idx,
                                 self.STATE_SSM)
-        u = restore_order(self.conv1d(u), order, self.conv_kernel - 1)
+        if document_starts is not None:
+            u = conv_within_documents(u, self.conv1d, document_starts)
+        else:
+            u = restore_order(self.conv1d(u), order, self.conv_kernel - 1)
         u = zero_padding(F.silu(u.transpose(1, 2)), attention_mask)
 
         # 4. selective SSM; a padded step gets dt = 0, so it neither decays nor feeds the state
         dt, B, C = self.x_proj(u).split([self.num_heads, self.state_size, self.state_size], dim=-1)
         dt = zero_padding(F.softplus((dt + self.dt_bias).float()), attention_mask)
         log_a = -torch.exp(self.A_log.float()) * dt
+        if document_starts is not None:  # decay 0 at a document start: nothing from the previous one survives
+            log_a = log_a.masked_fill(document_starts[..., None], FORGET)
         u_heads = u.reshape(batch, seq_len, self.num_heads, self.head_dim)
         with without_autocast(u):
             if ssm_state is not None and seq_len == 1:
@@ -490,7 +537,8 @@ class I3LtiMixer(nn.Module):
         self.C = nn.Parameter(torch.empty(config.hidden_size, config.state_size))
         self.D = nn.Parameter(torch.empty(config.hidden_size))
 
-    def forward(self, hidden_states, attention_mask=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, cache=None, document_starts=None):
+        refuse_packing(document_starts, "open-i3")
         average = cache.get_conv_state(self.layer_idx, self.STATE) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
         check_padding_keeps_state(attention_mask, state is not None, cache is not None, "open-i3")
@@ -619,7 +667,8 @@ class I3WkvTimeMix(nn.Module):
         self.receptance = make_linear(config, size, size, bias=False)
         self.output = make_linear(config, size, size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, cache=None, document_starts=None):
+        refuse_packing(document_starts, "rwkv4")
         state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
         check_padding_keeps_state(attention_mask, state is not None, cache is not None, "rwkv4")
         x = zero_padding(hidden_states, attention_mask)
@@ -753,8 +802,10 @@ class I3DecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        document_starts: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """`document_starts` (b, t) marks packed documents for the recurrent mixer (attention has them in its mask)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == "full_attention":
@@ -762,7 +813,7 @@ class I3DecoderLayer(GradientCheckpointingLayer):
                 hidden_states, position_embeddings, attention_mask, cache, **kwargs
             )
         else:
-            hidden_states = self.linear_attn(hidden_states, attention_mask, cache)
+            hidden_states = self.linear_attn(hidden_states, attention_mask, cache, document_starts)
         hidden_states = residual + hidden_states
         feed_forward_input = self.post_attention_layernorm(hidden_states)
         return hidden_states + self.mlp(feed_forward_input, attention_mask=attention_mask, cache=cache)
@@ -853,9 +904,12 @@ class I3Model(I3PreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and cache is None:
+        batch, seq_len = inputs_embeds.shape[:2]
+        # packed documents (position ids restarting inside a row, as padding-free collators make them) stay apart:
+        # attention through transformers' mask, the recurrent layers by starting their states afresh; no cache then
+        starts = None if position_ids is None else document_starts(position_ids.expand(batch, -1), attention_mask, cache)
+        if use_cache and cache is None and starts is None:
             cache = new_cache(self.config)
-        seq_len = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + self.cached_length(cache)
             position_ids = position_ids.unsqueeze(0)
@@ -881,6 +935,7 @@ class I3Model(I3PreTrainedModel):
                 attention_mask=masks[decoder_layer.layer_type],
                 position_embeddings=position_embeddings,
                 cache=cache,
+                document_starts=starts,
                 **kwargs,
             )
         if isinstance(cache, TokenCountingCache):

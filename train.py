@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "probability (mixing weight for datasets.interleave_datasets)")
     group.add_argument("--streaming", action="store_true", help="stream the datasets instead of downloading them")
     group.add_argument("--block_size", type=int, default=256, help="tokens per training sequence")
+    group.add_argument("--separate_documents", action="store_true",
+                       help="documents packed into one block do not see each other: position ids restart after each "
+                            "end-of-text token, which the model reads as document boundaries (i3 mixer only)")
     group.add_argument("--max_eval_documents", type=int, help="held-out documents per source (default: all)")
     group.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization (not streaming)")
 
@@ -308,10 +311,23 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def group_texts(batch: dict, block_size: int) -> dict:
-    """Concatenate documents (each already ending with EOS) and cut them into full blocks; the tail is dropped."""
+def group_texts(batch: dict, block_size: int, eos_id: int | None = None) -> dict:
+    """Concatenate documents (each already ending with EOS) and cut them into full blocks; the tail is dropped. With
+    `eos_id`, each block also gets position ids that restart at its start and after every EOS, so that the model keeps
+    the documents inside a block apart (transformers' packed-sequence convention)."""
     ids = list(chain.from_iterable(batch["input_ids"]))
-    return {"input_ids": [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]}
+    blocks = {"input_ids": [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]}
+    if eos_id is not None:
+        blocks["position_ids"] = [document_positions(block, eos_id) for block in blocks["input_ids"]]
+    return blocks
+
+
+def document_positions(block: list[int], eos_id: int) -> list[int]:
+    positions, position = [], 0
+    for token in block:
+        positions.append(position)
+        position = 0 if token == eos_id else position + 1
+    return positions
 
 
 def evaluation_windows(documents: list[list[int]], block_size: int, eos_id: int) -> list[dict]:
@@ -348,7 +364,8 @@ def build_dataloaders(args, accelerator: Accelerator):
         train_blocks = train_documents.map(
             lambda batch: {"input_ids": encode_documents(tokenizer, batch["text"])},
             batched=True, remove_columns=["text"], **workers,
-        ).map(group_texts, batched=True, fn_kwargs={"block_size": args.block_size}, **workers)
+        ).map(group_texts, batched=True, **workers, fn_kwargs={
+            "block_size": args.block_size, "eos_id": tokenizer.eos_token_id if args.separate_documents else None})
         held_out = [first_documents(documents, args.max_eval_documents) if args.max_eval_documents else documents
                     for source in args.datasets
                     if (documents := load_documents(source, "validation", args, render_chat)) is not None]
@@ -376,6 +393,9 @@ def model_config(args) -> I3Config:
             config.validate_architecture()
         except ValueError as error:
             fail(f"--config_overrides {args.config_overrides!r}: {error}")
+    if args.separate_documents and config.recurrent_mixer != "i3":
+        fail(f"--separate_documents needs the i3 recurrent mixer; {args.model_config} uses {config.recurrent_mixer!r}, "
+             "which cannot drop its state inside a block")
     if config.position_embedding_type == "learned" and args.block_size > config.max_position_embeddings:
         fail(f"--block_size {args.block_size} is above the model's learned positions (max_position_embeddings="
              f"{config.max_position_embeddings} in {args.model_config})")
@@ -552,7 +572,8 @@ def train_step(model, batches, optimizer, scheduler, accelerator: Accelerator, a
         batch = next(batches)
         tokens += batch["input_ids"].numel() * accelerator.num_processes
         with accelerator.accumulate(model):
-            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+            loss = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["input_ids"],
+                         use_cache=False).loss
             losses.append(accelerator.reduce(loss.detach(), "mean"))
             if not torch.isfinite(losses[-1]):
                 newest = latest_checkpoint(Path(args.output_dir) / "checkpoints")

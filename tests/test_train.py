@@ -440,3 +440,31 @@ def test_optimizer_groups_survive_wrapping():
     decay_group, plain_group = optimizer.param_groups
     assert decay_group["weight_decay"] == args.weight_decay and plain_group["weight_decay"] == 0
     assert {id(p) for p in decay_group["params"]} == {id(p) for n, p in model.named_parameters() if n in expected}
+
+
+def test_compiled_run_compiles_each_layer_kind_once(workspace):
+    """`--torch_compile` compiles one graph per layer kind (recurrent, attention) at the first step; evaluations and
+    samples at other shapes and in no-grad mode recompile nothing, and the run exports as usual."""
+    output_dir = workspace.root / "compiled"
+    args = workspace.args(output_dir, "--torch_compile", "--max_train_steps", "4", "--eval_steps", "2",
+                          "--checkpointing_steps", "0")
+    env = {**workspace.launch_env, "TORCH_LOGS": "recompiles"}
+    result = subprocess.run(workspace.launch_command(args), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, launched_log(result)[-3000:]
+    recompiles = [line for line in launched_log(result).splitlines() if "Recompiling function" in line]
+    assert len(recompiles) == 1 and "forward" in recompiles[0], recompiles  # the second layer kind, nothing else
+    assert "first step, compilation included" in launched_log(result)
+    assert results(output_dir)["step"] == 4 and (output_dir / "model.safetensors").exists()
+
+
+def test_separated_documents_get_restarting_positions(workspace, tmp_path):
+    """--separate_documents gives every block position ids that restart at the block and after each end-of-text
+    token (so the model keeps packed documents apart), and is refused for a published mixer that cannot."""
+    blocks = train.group_texts({"input_ids": [[5, 6, 3], [7, 8, 9, 10, 3], [11, 3]]}, block_size=4, eos_id=3)
+    assert blocks["input_ids"] == [[5, 6, 3, 7], [8, 9, 10, 3]]
+    assert blocks["position_ids"] == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert "position_ids" not in train.group_texts({"input_ids": [[5, 6, 3]]}, block_size=2)
+    published = tmp_path / "open.json"
+    tiny_config(recurrent_mixer="open-i3").to_json_file(published)
+    with pytest.raises(SystemExit, match="--separate_documents needs the i3 recurrent mixer"):
+        train.parse_args(workspace.args(tmp_path / "out", "--model_config", str(published), "--separate_documents"))
