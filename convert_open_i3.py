@@ -28,14 +28,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-REPO_DIR = Path(__file__).resolve().parent
+from i3.configuration_i3 import I3Config
+from i3.model_card import write_model_card
+from i3.modeling_i3 import I3ForCausalLM
+from i3.tokenization_i3 import CHAT_TEMPLATE, I3Tokenizer
+
 OPEN_I3_URL = "https://github.com/FlameF0X/open-i3"
-
-# The model files are custom code with relative imports: load them the way transformers loads a Hub repo's code.
-I3Config = get_class_from_dynamic_module("configuration_i3.I3Config", REPO_DIR)
-I3ForCausalLM = get_class_from_dynamic_module("modeling_i3.I3ForCausalLM", REPO_DIR)
 
 logger = logging.getLogger("convert_open_i3")
 
@@ -49,6 +48,7 @@ LEGACY_KEYS = {
     r"\.ln2\.": ".post_attention_layernorm.",
     r"\.hybrid\.": ".linear_attn.",  # i3-80M RWKVMambaHybrid: w_mix, A, B, C, D
     r"\.att\.": ".linear_attn.",  # i3-200M RWKVTimeMix: time_decay, time_first, time_mix_*, key, value, ...
+    r"\.time_mix_": ".token_shift_",  # RWKV's share of the current token -> i3's share of the previous one
     r"\.attn\.qkv\.": ".self_attn.qkv_proj.",
     r"\.attn\.out_proj\.": ".self_attn.o_proj.",
     r"\.ffn\.0\.": ".mlp.up_proj.",  # nn.Sequential(Linear, GELU, Linear)
@@ -214,8 +214,8 @@ def cross_check(original: dict, config: I3Config, source: str):
 
 
 def to_i3_names(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Rename with `LEGACY_KEYS`; RWKV-v4 shift mixes, stored (1, 1, d) for broadcasting, become i3's (d,).
-    Returns the renamed tensors and each new name's original, for error messages."""
+    """Rename with `LEGACY_KEYS`; RWKV-v4 shift mixes, stored (1, 1, d) as the current token's share, become i3's
+    (d,) share of the previous token, 1 - time_mix. Returns the renamed tensors and each new name's original."""
     renamed, original_names = {}, {}
     for key, tensor in state.items():
         new_key = key
@@ -223,8 +223,8 @@ def to_i3_names(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, t
             new_key = re.sub(pattern, replacement, new_key)
         if new_key in renamed:
             raise ConversionError(f"{path}: two tensors map to `{new_key}` (one is `{key}`).")
-        if ".time_mix_" in key and tensor.shape[:-1] == (1, 1):
-            tensor = tensor.reshape(-1)
+        if ".time_mix_" in key:
+            tensor = 1 - (tensor.reshape(-1) if tensor.shape[:-1] == (1, 1) else tensor)
         renamed[new_key], original_names[new_key] = tensor, key
     return renamed, original_names
 
@@ -254,17 +254,12 @@ def load_tokenizer(path: Path, vocab_size: int):
     """The tokenizer of `--vocab`: the i3-80M code's chunk vocab, or a `tokenizers` file (the i3-200M BPE)."""
     data = read_json(path)
     if "chunk_to_idx" in data:
-        try:
-            I3Tokenizer = get_class_from_dynamic_module("tokenization_i3.I3Tokenizer", REPO_DIR)
-        except OSError as error:
-            raise ConversionError(f"{path}: a chunk vocab needs tokenization_i3.py next to this script ({error})")
         tokenizer = I3Tokenizer.from_open_i3_vocab(path)
     elif "model" in data:
         # the i3 chat template ("Role: content" lines, assistant turns ended by <EOS>), as i3's own BPE models use
-        chat_template = get_class_from_dynamic_module("tokenization_i3.CHAT_TEMPLATE", REPO_DIR)
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(path), unk_token="<UNK>", pad_token="<PAD>", bos_token="<BOS>", eos_token="<EOS>",
-            chat_template=chat_template, padding_side="left",
+            chat_template=CHAT_TEMPLATE, padding_side="left",
         )
     else:
         raise ConversionError(f"{path}: is neither an open-i3 chunk vocab nor a `tokenizers` tokenizer.json.")
@@ -276,70 +271,33 @@ def load_tokenizer(path: Path, vocab_size: int):
 # --- writing ---
 
 
-def model_card(
-    config: I3Config, name: str, checkpoint: Path, num_parameters: int, dtype: torch.dtype, has_tokenizer: bool
-) -> str:
+def write_card(path: Path, model, tokenizer, name: str, checkpoint: Path):
     """README.md: what was converted from where, the layout, how to load it, and the attribution open-i3 asks for."""
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    mixer = config.recurrent_mixer
-    recurrent, attention = config.layer_types.count("linear_attention"), config.layer_types.count("full_attention")
-    state_row = f"| State size | {config.state_size} |\n" if mixer == "open-i3" else ""
-    load_tokenizer_line = (
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)\n' if has_tokenizer else ""
-    )
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags:
-- custom_code
-- i3
-- open-i3
----
-
-# {name}
-
-A checkpoint of [open-i3]({OPEN_I3_URL}) converted to the i3 Transformers code: the same weights and the same
-arithmetic (i3's `{mixer}` mixer is {PUBLISHED_MIXERS[mixer]}, exactly), loadable with `trust_remote_code=True`.
-
-## Conversion
-
-Converted by `convert_open_i3.py` from `{checkpoint.name}` (sha256 `{digest}`). Tensors were renamed to i3's
-module names (`embed` to `model.embed_tokens`, `layers.N.ln1` to `model.layers.N.input_layernorm`, `head` to
-`lm_head`, ...) and RWKV-v4 shift mixes reshaped from (1, 1, d) to (d,); no value was changed.
-{"" if has_tokenizer else "No tokenizer was converted (run the converter with `--vocab`)."}
-
-## Model details
-
-| | |
-|---|---|
-| Parameters | {num_parameters:,} |
-| Layers | {recurrent} recurrent (`{mixer}`) + {attention} attention |
-| Width | {config.hidden_size}, feed-forward {config.intermediate_size} |
-| Attention heads | {config.num_attention_heads} |
-{state_row}| Context | {config.max_position_embeddings} learned positions |
-| Vocabulary | {config.vocab_size:,} |
-| Precision | {str(dtype).removeprefix("torch.")} |
-
-## How to use
-
-```python
-from transformers import AutoModelForCausalLM{", AutoTokenizer" if has_tokenizer else ""}
-
-model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
-{load_tokenizer_line}```
-
-The positions are learned and end at {config.max_position_embeddings}: a prompt plus generated tokens longer than
-that raises a `ValueError`.
-
-## Attribution
-
-The model code and weights come from [open-i3]({OPEN_I3_URL}) (Copyright 2025 FlameF0X & i3-lab). Its NOTICE asks
-anyone who uses, redistributes or modifies the code or the resulting weights to include a prominent link back to
-{OPEN_I3_URL}.
-"""
+    mixer = model.config.recurrent_mixer
+    conversion = (
+        f"Converted by `convert_open_i3.py` from `{checkpoint.name}` (sha256 `{digest}`). Tensors were renamed to "
+        "i3's module names (`embed` to `model.embed_tokens`, `layers.N.ln1` to `model.layers.N.input_layernorm`, "
+        "`head` to `lm_head`, ...), and RWKV-v4 shift mixes, stored (1, 1, d) as the current token's share, became "
+        "i3's (d,) `token_shift_*`, the previous token's share (1 - time_mix); the outputs are the original ones."
+        + ("" if tokenizer is not None else " No tokenizer was converted (run the converter with `--vocab`).")
+        + ("" if tokenizer is None or tokenizer.eos_token else " The published tokenizer lower-cases all text and has "
+           "no end-of-text token: its chat template writes lower-case `role: content` lines and generation runs to "
+           "`max_new_tokens`."))
+    attribution = (
+        f"The model code and weights come from [open-i3]({OPEN_I3_URL}) (Copyright 2025 FlameF0X & i3-lab). Its NOTICE "
+        "asks anyone who uses, redistributes or modifies the code or the resulting weights to include a prominent "
+        f"link back to {OPEN_I3_URL}.")
+    write_model_card(
+        path, model=model, tokenizer=tokenizer, name=name, repo=name, tags=["open-i3"],
+        summary=f"A checkpoint of [open-i3]({OPEN_I3_URL}) converted to the i3 Transformers code: the same weights "
+                f"and the same arithmetic (i3's `{mixer}` mixer is {PUBLISHED_MIXERS[mixer]}, exactly).",
+        usage_note=f"The positions are learned and end at {model.config.max_position_embeddings}: a prompt plus "
+                   "generated tokens longer than that raises a `ValueError`.",
+        sections={"Conversion": conversion, "Attribution": attribution})
 
 
-def write_folder(output_dir: Path, model, tokenizer, card: str):
+def write_folder(output_dir: Path, model, tokenizer, checkpoint: Path):
     """Assemble the folder under a temporary name next to `output_dir` and rename it at the end."""
     staging = output_dir.parent / f".{output_dir.name}.converting-{os.getpid()}"
     staging.mkdir(parents=True)
@@ -349,7 +307,7 @@ def write_folder(output_dir: Path, model, tokenizer, card: str):
             if model.config.position_embedding_type == "learned":  # so that `truncation=True` stops at the last one
                 tokenizer.model_max_length = model.config.max_position_embeddings
             tokenizer.save_pretrained(staging)
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        write_card(staging / "README.md", model, tokenizer, output_dir.name, checkpoint)
         if output_dir.exists():
             output_dir.rmdir()  # empty: checked before converting
         staging.rename(output_dir)
@@ -371,12 +329,9 @@ def convert(args: argparse.Namespace):
         cross_check(original, config, source)
     model = build_model(config, *to_i3_names(state, args.checkpoint), args.checkpoint)
     tokenizer = load_tokenizer(args.vocab, config.vocab_size) if args.vocab is not None else None
-    num_parameters = sum(p.numel() for p in model.parameters())
-    dtype = next(model.parameters()).dtype
-    card = model_card(config, args.output_dir.name, args.checkpoint, num_parameters, dtype, tokenizer is not None)
-    write_folder(args.output_dir, model, tokenizer, card)
+    write_folder(args.output_dir, model, tokenizer, args.checkpoint)
     logger.info(
-        "Wrote %s: %s parameters, %s, layers %s.", args.output_dir, f"{num_parameters:,}", config.recurrent_mixer,
+        "Wrote %s: %s parameters, %s, layers %s.", args.output_dir, f"{model.num_parameters():,}", config.recurrent_mixer,
         "".join("R" if kind == "linear_attention" else "A" for kind in config.layer_types),
     )
 

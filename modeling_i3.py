@@ -39,7 +39,6 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_i3 import I3Config
 
-
 # --- the cache's name, which transformers changed in 5.24 ---
 #
 # transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
@@ -222,6 +221,12 @@ def restore_order(outputs: torch.Tensor, order: torch.Tensor | None, width: int)
     return outputs.gather(-1, (sorted_position - width).clamp(min=0)[:, None].expand_as(outputs))
 
 
+def token_shift(current: torch.Tensor, previous: torch.Tensor, past_weight: torch.Tensor) -> torch.Tensor:
+    """RWKV token shift, `current + past_weight * (previous - current)`: every mixer's shift weight is the share of
+    the previous token (0 keeps the current token, 1 takes the previous one)."""
+    return torch.lerp(current, previous, past_weight)
+
+
 def previous_tokens(
     hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, layer_idx: int,
     state_idx: int,
@@ -393,7 +398,7 @@ class I3RecurrentMixer(nn.Module):
         self.conv_kernel = config.conv_kernel
         self.chunk_size = config.chunk_size
 
-        self.time_mix = nn.Parameter(torch.empty(config.hidden_size))  # mu
+        self.token_shift = nn.Parameter(torch.empty(config.hidden_size))  # mu, the previous token's share
         self.in_proj = make_linear(config, config.hidden_size, 2 * self.inner_size, bias=False)
         self.conv1d = nn.Conv1d(self.inner_size, self.inner_size, config.conv_kernel, groups=self.inner_size)
         self.x_proj = make_linear(config, self.inner_size, self.num_heads + 2 * self.state_size, bias=False)
@@ -419,7 +424,7 @@ class I3RecurrentMixer(nn.Module):
         previous = previous_tokens(hidden_states, attention_mask, cache, self.layer_idx, self.STATE_SHIFT)
         if document_starts is not None:
             previous = zero_padding(previous, ~document_starts)
-        mixed = torch.lerp(hidden_states, previous, self.time_mix)
+        mixed = token_shift(hidden_states, previous, self.token_shift)
 
         # 2. [u, z] = W_in m
         u, z = self.in_proj(mixed).chunk(2, dim=-1)
@@ -659,9 +664,10 @@ class I3WkvTimeMix(nn.Module):
         size = config.hidden_size
         self.time_decay = nn.Parameter(torch.empty(size))
         self.time_first = nn.Parameter(torch.empty(size))
-        self.time_mix_k = nn.Parameter(torch.empty(size))
-        self.time_mix_v = nn.Parameter(torch.empty(size))
-        self.time_mix_r = nn.Parameter(torch.empty(size))
+        # the previous token's share in the shifted input of k, v and r (RWKV's time_mix_* are 1 minus these)
+        self.token_shift_k = nn.Parameter(torch.empty(size))
+        self.token_shift_v = nn.Parameter(torch.empty(size))
+        self.token_shift_r = nn.Parameter(torch.empty(size))
         self.key = make_linear(config, size, size, bias=False)
         self.value = make_linear(config, size, size, bias=False)
         self.receptance = make_linear(config, size, size, bias=False)
@@ -673,9 +679,9 @@ class I3WkvTimeMix(nn.Module):
         check_padding_keeps_state(attention_mask, state is not None, cache is not None, "rwkv4")
         x = zero_padding(hidden_states, attention_mask)
         previous = previous_tokens(x, attention_mask, cache, self.layer_idx, self.STATE)
-        k = self.key(x * self.time_mix_k + previous * (1 - self.time_mix_k))
-        v = self.value(x * self.time_mix_v + previous * (1 - self.time_mix_v))
-        r = torch.sigmoid(self.receptance(x * self.time_mix_r + previous * (1 - self.time_mix_r)))
+        k = self.key(token_shift(x, previous, self.token_shift_k))
+        v = self.value(token_shift(x, previous, self.token_shift_v))
+        r = torch.sigmoid(self.receptance(token_shift(x, previous, self.token_shift_r)))
         if attention_mask is not None:  # a padded step must carry no weight in the WKV sums
             k = k.float().masked_fill(~attention_mask.bool()[..., None], WKV_EMPTY_LOG)
         with without_autocast(x):
@@ -698,8 +704,8 @@ class I3WkvChannelMix(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         size = config.hidden_size
-        self.time_mix_k = nn.Parameter(torch.empty(size))
-        self.time_mix_r = nn.Parameter(torch.empty(size))
+        self.token_shift_k = nn.Parameter(torch.empty(size))  # the previous token's share, as in the time-mix
+        self.token_shift_r = nn.Parameter(torch.empty(size))
         self.key = make_linear(config, size, config.intermediate_size, bias=False)
         self.receptance = make_linear(config, size, size, bias=False)
         self.value = make_linear(config, config.intermediate_size, size, bias=False)
@@ -707,8 +713,8 @@ class I3WkvChannelMix(nn.Module):
     def forward(self, hidden_states, attention_mask=None, cache=None):
         x = zero_padding(hidden_states, attention_mask)
         previous = previous_tokens(x, attention_mask, cache, self.layer_idx, self.STATE)
-        k = torch.square(torch.relu(self.key(x * self.time_mix_k + previous * (1 - self.time_mix_k))))
-        r = torch.sigmoid(self.receptance(x * self.time_mix_r + previous * (1 - self.time_mix_r)))
+        k = torch.square(torch.relu(self.key(token_shift(x, previous, self.token_shift_k))))
+        r = torch.sigmoid(self.receptance(token_shift(x, previous, self.token_shift_r)))
         return r * self.value(k)
 
 
@@ -842,7 +848,7 @@ class I3PreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, I3RecurrentMixer):
             # Mamba-2: A = -U(1, 16), dt log-uniform in [time_step_min, time_step_max] through softplus^-1, D = 1
-            init.constant_(module.time_mix, 0.5)
+            init.constant_(module.token_shift, 0.5)
             init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1, 16).log())
             low, high = math.log(self.config.time_step_min), math.log(self.config.time_step_max)
             dt = torch.exp(torch.empty_like(module.dt_bias).uniform_(low, high))
@@ -857,11 +863,12 @@ class I3PreTrainedModel(PreTrainedModel):
             init.constant_(module.D, 0.1)
         elif isinstance(module, I3WkvTimeMix):  # the published init
             init.uniform_(module.time_decay, -6.0, -3.0)
-            for constant in (module.time_first, module.time_mix_k, module.time_mix_v, module.time_mix_r):
-                init.ones_(constant)
+            init.ones_(module.time_first)
+            for share in (module.token_shift_k, module.token_shift_v, module.token_shift_r):
+                init.zeros_(share)  # the published init: RWKV's time_mix_* = 1, all of the current token
         elif isinstance(module, I3WkvChannelMix):
-            init.ones_(module.time_mix_k)
-            init.ones_(module.time_mix_r)
+            init.zeros_(module.token_shift_k)
+            init.zeros_(module.token_shift_r)
 
 
 class I3Model(I3PreTrainedModel):

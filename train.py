@@ -24,7 +24,6 @@ import shlex
 import shutil
 import sys
 import time
-import types
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -37,7 +36,7 @@ import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import create_repo, upload_folder
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
@@ -46,15 +45,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer, GenerationConfig, default_data_collator, get_scheduler
 from transformers.utils.chat_template_utils import render_jinja_template
 
-REPO_ROOT = Path(__file__).resolve().parent
-if "i3" not in sys.modules:  # the model files use package-relative imports, as transformers' custom code requires
-    package = types.ModuleType("i3")
-    package.__path__ = [str(REPO_ROOT)]
-    sys.modules["i3"] = package
+from i3.configuration_i3 import I3Config
+from i3.model_card import write_model_card
+from i3.modeling_i3 import I3ForCausalLM, I3LowRankLinear
+from i3.tokenization_i3 import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 
-from i3.configuration_i3 import I3Config  # noqa: E402
-from i3.modeling_i3 import I3ForCausalLM, I3LowRankLinear  # noqa: E402
-from i3.tokenization_i3 import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent
 
 logger = get_logger(__name__)
 
@@ -424,7 +420,7 @@ def build_model(config: I3Config, tokenizer, args) -> I3ForCausalLM:
 def decayed_parameter_names(model: nn.Module) -> set[str]:
     """The weight matrices of linear and conv layers: the only parameters weight decay applies to. Norms, biases,
     embeddings (an output head tied to them included) and the recurrences' own parameters (A_log, dt_bias, D,
-    time_mix, time_decay, w_mix, A...) keep their scale."""
+    token_shift, time_decay, w_mix, A...) keep their scale."""
     names = set()
     for module_name, module in model.named_modules():
         if isinstance(module, I3LowRankLinear):
@@ -677,7 +673,7 @@ def export(args, accelerator: Accelerator, model, tokenizer, progress: TrainingP
                    train_seconds=progress.train_seconds, tokens_per_second=progress.tokens / progress.train_seconds)
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(progress, output_dir / "loss.png")
-    model_card(args, accelerator, model, tokenizer, progress, results, eval_bytes).save(output_dir / "README.md")
+    write_card(output_dir / "README.md", args, accelerator, model, tokenizer, progress, results, eval_bytes)
     if args.push_to_hub:
         repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
         upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*"])
@@ -697,52 +693,8 @@ def plot_losses(progress: TrainingProgress, path: Path):
     figure.savefig(path, dpi=120)
 
 
-CARD = """
-# {name}
-
-An i3 language model ({parameters:,} parameters: {stack}, width {hidden}, {positions}) trained from scratch with
-`train.py` of the i3 repository. i3 stacks recurrent layers (here the `{mixer}` mixer) under causal attention; the
-code ships with the weights, so pass `trust_remote_code=True`.
-
-```python
-from transformers import pipeline
-
-generator = pipeline("text-generation", model="{repo}", trust_remote_code=True)
-print(generator({prompt})[0]["generated_text"])
-```
-
-## Training
-
-Data, each document ended by `{eos}` and packed into blocks of {block_size} tokens; tokenizer: {tokenizer} with
-{vocab:,} entries, built from the training documents only.
-
-{train_data}
-
-| steps | tokens | batch | optimizer | schedule | precision | hardware | time |
-|---|---|---|---|---|---|---|---|
-| {steps:,} | {tokens:,} | {batch} x {block_size} | AdamW lr {lr}, weight decay {weight_decay}, clip {clip} | \
-{scheduler}, {warmup} warmup | {precision} | {hardware} | {minutes:.1f} min, {tokens_per_second:,.0f} tokens/s |
-
-Reproduce: `{command}`
-
-![training and held-out loss](loss.png)
-
-## Evaluation
-
-{evaluation}
-
-## Samples
-
-At the end of training, sampled with temperature 0.8 and top-k 50:
-
-{samples}
-"""
-
-
-def model_card(args, accelerator: Accelerator, model, tokenizer, progress, results: dict, eval_bytes: int) -> ModelCard:
-    """A Hub model card filled in from this run: what was trained on what, how, and how well."""
-    config = model.config
-    recurrent = config.layer_types.count("linear_attention")
+def write_card(path: Path, args, accelerator: Accelerator, model, tokenizer, progress, results: dict, eval_bytes: int):
+    """The folder's model card, filled in from this run: what was trained on what, how, and how well."""
     held_out = [f"{s['dataset_name']} ({s['validation_split']})" for s in args.datasets
                 if s["dataset_name"] and s["validation_split"]]
     held_out += [Path(file).name for s in args.datasets for file in s["validation_file"]]
@@ -752,30 +704,38 @@ def model_card(args, accelerator: Accelerator, model, tokenizer, progress, resul
         f"| {results['eval_loss']:.4f} | {results['perplexity']:.2f} | {results['bits_per_byte']:.4f} |\n\n"
         "Bits per byte (sum of token NLL / ln 2 / UTF-8 bytes of the text) compares models with different "
         "tokenizers; the end-of-text separators between documents are read as context but not scored.")
-    threads = torch.get_num_threads()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({threads} thread(s))"
-    body = CARD.format(
-        name=args.hub_model_id or Path(args.output_dir).name, repo=args.hub_model_id or args.output_dir,
-        parameters=model.num_parameters(), hidden=config.hidden_size, mixer=config.recurrent_mixer,
-        stack=f"{recurrent} recurrent + {config.num_hidden_layers - recurrent} attention layers",
-        positions=f"learned positions up to {config.max_position_embeddings}"
-        if config.position_embedding_type == "learned" else "RoPE",
-        prompt=repr(args.sample_prompts[0] if args.sample_prompts else ""), eos=tokenizer.eos_token,
-        block_size=args.block_size, tokenizer=type(tokenizer).__name__, vocab=len(tokenizer),
-        train_data="\n".join(f"- {describe_source(source)}" for source in args.datasets),
-        steps=progress.step, tokens=progress.tokens,
-        batch=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-        lr=args.learning_rate, weight_decay=args.weight_decay, clip=args.max_grad_norm,
-        scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
-        precision="fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
-        hardware=f"{accelerator.num_processes} x {device}", minutes=progress.train_seconds / 60,
-        tokens_per_second=results["tokens_per_second"], command=f"accelerate launch train.py {args.command}".strip(),
-        evaluation=evaluation,
-        samples="\n\n".join(f"```text\n{text}\n```" for text in progress.evaluations[-1]["samples"]))
-    metadata = ModelCardData(license="apache-2.0", library_name="transformers", pipeline_tag="text-generation",
-                             language=["en"], tags=["i3", "custom_code"],
-                             datasets=[s["dataset_name"] for s in args.datasets if s["dataset_name"]] or None)
-    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({torch.get_num_threads()} thread(s))")
+    batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    training = "\n".join([
+        f"Data, each document ended by `{tokenizer.eos_token}` and packed into blocks of {args.block_size} tokens"
+        f"{' kept apart inside a block' if args.separate_documents else ''}; tokenizer: {type(tokenizer).__name__} "
+        f"with {len(tokenizer):,} entries, built from the training documents only.",
+        "",
+        *(f"- {describe_source(source)}" for source in args.datasets),
+        "",
+        "| steps | tokens | batch | optimizer | schedule | precision | hardware | time |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {progress.step:,} | {progress.tokens:,} | {batch} x {args.block_size} | AdamW lr {args.learning_rate}, "
+        f"weight decay {args.weight_decay}, clip {args.max_grad_norm} | {args.lr_scheduler_type}, "
+        f"{args.num_warmup_steps} warmup | {precision} | {accelerator.num_processes} x {device} | "
+        f"{progress.train_seconds / 60:.1f} min, {results['tokens_per_second']:,.0f} tokens/s |",
+        "",
+        f"Reproduce: `{f'accelerate launch train.py {args.command}'.strip()}`",
+        "",
+        "![training and held-out loss](loss.png)",
+    ])
+    samples = "At the end of training, sampled with temperature 0.8 and top-k 50:\n\n" + "\n\n".join(
+        f"```text\n{text}\n```" for text in progress.evaluations[-1]["samples"])
+    write_model_card(
+        path, model=model, tokenizer=tokenizer, name=args.hub_model_id or Path(args.output_dir).name,
+        repo=args.hub_model_id or args.output_dir, license="apache-2.0",
+        summary=f"An i3 language model trained from scratch with `train.py` of the i3 repository: recurrent layers "
+                f"(the `{model.config.recurrent_mixer}` mixer) under causal attention.",
+        prompt=args.sample_prompts[0] if args.sample_prompts else "", tags=[],
+        datasets=[s["dataset_name"] for s in args.datasets if s["dataset_name"]],
+        sections={"Training": training, "Evaluation": evaluation, "Samples": samples})
 
 
 def describe_source(source: dict) -> str:

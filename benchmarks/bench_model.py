@@ -16,22 +16,16 @@ ratios, not the absolute numbers.
 
 import argparse
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if "i3" not in sys.modules:  # the model files use package-relative imports, as transformers' custom code does
-    package = types.ModuleType("i3")
-    package.__path__ = [str(REPO_ROOT)]
-    sys.modules["i3"] = package
+from i3.configuration_i3 import I3Config
+from i3.modeling_i3 import I3ForCausalLM, i3_scan_chunked, i3_scan_step
 
-from i3.configuration_i3 import I3Config  # noqa: E402
-from i3.modeling_i3 import I3ForCausalLM, i3_scan_chunked, i3_scan_step  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def count_parameters(model: torch.nn.Module) -> int:

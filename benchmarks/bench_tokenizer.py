@@ -25,19 +25,15 @@ import argparse
 import glob
 import json
 import lzma
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from i3.tokenization_i3 import I3Tokenizer
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from transformers import AutoTokenizer  # noqa: E402
-
-from tokenization_i3 import I3Tokenizer  # noqa: E402
 
 FIXTURE_VOCAB = REPO / "tests" / "fixtures" / "open-i3" / "chunk_vocab_combined.json"
 

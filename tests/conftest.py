@@ -1,27 +1,23 @@
-"""Shared test set-up: offline Hub, the repo importable as the package `i3`, tiny configs and models."""
+"""Shared test set-up: offline Hub, tiny configs and models, helpers the test files share.
+
+The repo is the package `i3` (`pip install -e .`, in requirements-dev.txt), imported as `i3.modeling_i3` and so on.
+Nothing here imports transformers at module level: the Hub client reads HF_HUB_OFFLINE when it is first imported,
+which is by the test files, after this runs."""
 
 import os
+import subprocess
 import sys
-import types
+import textwrap
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests use only the repo's files and what they build
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-# The model files use relative imports (transformers copies them into a package), so tests import them the same way.
-if "i3" not in sys.modules:
-    package = types.ModuleType("i3")
-    package.__path__ = [str(REPO_ROOT)]
-    sys.modules["i3"] = package
-
-from i3.configuration_i3 import I3Config  # noqa: E402
-from i3.modeling_i3 import I3ForCausalLM  # noqa: E402
 
 
 def hub_cache_snapshot(hub_cache: Path, repo_id: str, revision: str = "0" * 40) -> Path:
@@ -40,8 +36,36 @@ def fresh_process_env(tmp_path: Path) -> dict:
             "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
 
 
-def tiny_config(**overrides) -> I3Config:
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save({"logits": model(ids).logits, "class": type(model).__name__}, sys.argv[3])
+    """
+)
+
+
+def load_in_fresh_process(tmp_path, name_or_path, ids):
+    """Load with AutoModelForCausalLM in a new Python started in an unrelated directory, with `tmp_path / "hub"` as
+    its Hub cache; return its logits."""
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir(exist_ok=True)
+    torch.save(ids, workdir / "ids.pt")
+    (workdir / "load.py").write_text(FRESH_PROCESS_SCRIPT)
+    subprocess.run([sys.executable, "load.py", str(name_or_path), "ids.pt", "out.pt"], cwd=workdir,
+                   env=fresh_process_env(tmp_path), check=True, capture_output=True, text=True)
+    result = torch.load(workdir / "out.pt")
+    assert result["class"] == "I3ForCausalLM"
+    return result["logits"]
+
+
+def tiny_config(**overrides):
     """A 2 recurrent + 2 attention i3 small enough for exhaustive checks on a CPU."""
+    from i3.configuration_i3 import I3Config
+
     fields = dict(
         vocab_size=99,
         hidden_size=32,
@@ -57,7 +81,9 @@ def tiny_config(**overrides) -> I3Config:
     return I3Config(**fields)
 
 
-def tiny_model(seed: int = 0, **overrides) -> I3ForCausalLM:
+def tiny_model(seed: int = 0, **overrides):
+    from i3.modeling_i3 import I3ForCausalLM
+
     torch.manual_seed(seed)
     return I3ForCausalLM(tiny_config(**overrides)).eval()
 

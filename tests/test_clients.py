@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import tiny_model
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
+
+from conftest import tiny_model
 
 peft = pytest.importorskip("peft", reason="PEFT is a development dependency (requirements-dev.txt)")
 

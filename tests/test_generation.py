@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
 from i3.modeling_i3 import CACHE_NAME, TokenCountingCache
+
+from conftest import REPO_ROOT, tiny_model
 
 LAYOUTS = {
     "i3": dict(),

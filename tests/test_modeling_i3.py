@@ -2,17 +2,15 @@
 clients is in test_generation.py)."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, fresh_process_env, hub_cache_snapshot, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from i3.configuration_i3 import I3Config
 from i3.modeling_i3 import I3ForCausalLM
+
+from conftest import REPO_ROOT, hub_cache_snapshot, load_in_fresh_process, tiny_config, tiny_model
 
 POSITION_TYPES = ["rope", "learned"]
 MIXERS = ["i3", "open-i3", "rwkv4"]
@@ -150,32 +148,6 @@ def test_meta_device_load_reinitialises_custom_parameters(tmp_path):
     assert torch.all((dt >= 1e-3 * 0.999) & (dt <= 1e-1 * 1.001))
     assert torch.equal(mixer.D, torch.ones_like(mixer.D))
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
-
-
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import sys, torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-    ids = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save({"logits": model(ids).logits, "class": type(model).__name__}, sys.argv[3])
-    """
-)
-
-
-def load_in_fresh_process(tmp_path, name_or_path, ids):
-    """Load with AutoModelForCausalLM in a new Python started in an unrelated directory, with `tmp_path / "hub"` as
-    its Hub cache; return its logits."""
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir(exist_ok=True)
-    torch.save(ids, workdir / "ids.pt")
-    (workdir / "load.py").write_text(FRESH_PROCESS_SCRIPT)
-    subprocess.run([sys.executable, "load.py", str(name_or_path), "ids.pt", "out.pt"], cwd=workdir,
-                   env=fresh_process_env(tmp_path), check=True, capture_output=True, text=True)
-    result = torch.load(workdir / "out.pt")
-    assert result["class"] == "I3ForCausalLM"
-    return result["logits"]
 
 
 def test_save_and_load_in_a_fresh_process(tmp_path):

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO_ROOT
 from safetensors.torch import load_file, save_file
-from test_modeling_i3 import load_in_fresh_process
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
 
 from i3.configuration_i3 import I3Config
 from i3.convert_open_i3 import OPEN_I3_URL, main
 from i3.modeling_i3 import I3ForCausalLM, I3LowRankLinear
+
+from conftest import FIXTURES, REPO_ROOT, load_in_fresh_process
 
 OPEN_I3 = FIXTURES / "open-i3"
 STYLES = ["80m", "200m"]

@@ -2,9 +2,17 @@
 
 import pytest
 import torch
-from reference import i3_ssm_loop, open_i3_loop, wkv4_loop
 
-from i3.modeling_i3 import i3_scan_chunked, i3_scan_step
+from i3.modeling_i3 import (
+    i3_scan_chunked,
+    i3_scan_step,
+    lti_scan_chunked,
+    lti_scan_step,
+    wkv4_scan_chunked,
+    wkv4_scan_step,
+)
+
+from reference import i3_ssm_loop, open_i3_loop, wkv4_loop
 
 LENGTHS = [1, 3, 4, 5, 13]  # inside one chunk, exactly one chunk, a ragged tail, several chunks (chunk 4)
 
@@ -53,11 +61,19 @@ def run_steps(inputs):
     return torch.cat(ys, dim=1), state
 
 
-def grads(outputs, inputs):
-    y, state = outputs
-    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + (state.sin()).sum()
-    leaves = [value for value in inputs.values() if value is not None]
-    return torch.autograd.grad(loss, leaves)
+def assert_outputs_and_grads_close(actual, expected, inputs, atol=1e-5):
+    """The one check of every scan: each output (and final state) of `actual` equals `expected`'s, and so do the
+    gradients of a fixed weighting of them with respect to every input."""
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+    leaves = [value for value in inputs.values() if value is not None and value.requires_grad]
+
+    def grads(outputs):
+        loss = sum((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() for out in outputs)
+        return torch.autograd.grad(loss, leaves)
+
+    for got, want in zip(grads(actual), grads(expected), strict=True):
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize("seq_len", LENGTHS)
@@ -66,12 +82,7 @@ def grads(outputs, inputs):
 def test_i3_chunked_matches_loop(seq_len, with_state, chunk_size):
     """The chunked i3 scan gives the loop's outputs, final state and gradients, for any length and chunk size."""
     inputs = i3_inputs(seq_len, with_state)
-    expected = i3_ssm_loop(**inputs)
-    actual = run_chunked(inputs, chunk_size)
-    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(actual[1], expected[1], atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads(actual, inputs), grads(expected, inputs)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_outputs_and_grads_close(run_chunked(inputs, chunk_size), i3_ssm_loop(**inputs), inputs)
 
 
 @pytest.mark.parametrize("seq_len", LENGTHS)
@@ -79,12 +90,7 @@ def test_i3_chunked_matches_loop(seq_len, with_state, chunk_size):
 def test_i3_step_matches_loop(seq_len, with_state):
     """Decoding one step at a time from the state gives the loop's outputs, final state and gradients."""
     inputs = i3_inputs(seq_len, with_state, seed=1)
-    expected = i3_ssm_loop(**inputs)
-    actual = run_steps(inputs)
-    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(actual[1], expected[1], atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads(actual, inputs), grads(expected, inputs)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_outputs_and_grads_close(run_steps(inputs), i3_ssm_loop(**inputs), inputs)
 
 
 def test_i3_chunked_long_sequence_is_stable():
@@ -92,10 +98,7 @@ def test_i3_chunked_long_sequence_is_stable():
     inputs = i3_inputs(300, True, seed=2)
     with torch.no_grad():
         inputs["dt"].mul_(20)
-    expected = i3_ssm_loop(**inputs)
-    actual = run_chunked(inputs, 64)
-    torch.testing.assert_close(actual[0], expected[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(actual[1], expected[1], atol=1e-4, rtol=1e-4)
+    assert_outputs_and_grads_close(run_chunked(inputs, 64), i3_ssm_loop(**inputs), inputs, atol=1e-4)
 
 
 def open_i3_inputs(seq_len, with_state, seed=0, batch=2, width=6, state=4):
@@ -118,8 +121,6 @@ def open_i3_inputs(seq_len, with_state, seed=0, batch=2, width=6, state=4):
 
 
 def open_i3_chunked(inputs, chunk_size):
-    from i3.modeling_i3 import lti_scan_chunked
-
     x, w_mix = inputs["x"], inputs["w_mix"]
     averages, average = lti_scan_chunked((1 - w_mix) * x, w_mix, chunk_size=chunk_size,
                                          initial_state=inputs["initial_average"])
@@ -129,8 +130,6 @@ def open_i3_chunked(inputs, chunk_size):
 
 
 def open_i3_steps(inputs):
-    from i3.modeling_i3 import lti_scan_step
-
     x, w_mix = inputs["x"], inputs["w_mix"]
     average = inputs["initial_average"]
     state = inputs["initial_state"]
@@ -143,19 +142,6 @@ def open_i3_steps(inputs):
         s, state = lti_scan_step(xt @ inputs["B"].T, inputs["A"], initial_state=state)
         ys.append(s @ inputs["C"].T + inputs["D"] * h)
     return torch.cat(ys, dim=1), average, state
-
-
-def assert_outputs_and_grads_close(actual, expected, inputs, atol=1e-5):
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
-    leaves = [value for value in inputs.values() if value is not None and value.requires_grad]
-
-    def grads(outputs):
-        loss = sum((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() for out in outputs)
-        return torch.autograd.grad(loss, leaves)
-
-    for got, want in zip(grads(actual), grads(expected)):
-        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize("seq_len", LENGTHS)
@@ -203,8 +189,6 @@ def comparable_state(state):
 def test_wkv4_chunked_matches_loop(seq_len, with_state, chunk_size):
     """The chunked WKV gives the stable loop's outputs, final state and gradients, with keys large enough to
     overflow a naive exp."""
-    from i3.modeling_i3 import wkv4_scan_chunked
-
     inputs = wkv_inputs(seq_len, with_state)
     wkv, state = wkv4_loop(**inputs)
     wkv_chunked, state_chunked = wkv4_scan_chunked(**{**inputs, "chunk_size": chunk_size})
@@ -217,8 +201,6 @@ def test_wkv4_chunked_matches_loop(seq_len, with_state, chunk_size):
 @pytest.mark.parametrize("with_state", [False, True])
 def test_wkv4_step_matches_loop(seq_len, with_state):
     """Single WKV steps from the cached state give the loop's outputs, final state and gradients."""
-    from i3.modeling_i3 import wkv4_scan_step
-
     inputs = wkv_inputs(seq_len, with_state, seed=1)
     wkv, state = wkv4_loop(**inputs)
     step_state = inputs["initial_state"]

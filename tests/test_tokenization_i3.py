@@ -4,33 +4,27 @@ References are independent of tokenization_i3: the fixtures' published ids, stri
 chunk rule re-typed below from SPEC 4 as a plain loop.
 """
 
-import os
+import glob
+import json
+import lzma
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+from itertools import product
+from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
 
-import glob  # noqa: E402
-import json  # noqa: E402
-import lzma  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-from itertools import product  # noqa: E402
-from pathlib import Path  # noqa: E402
+from i3.tokenization_i3 import I3Tokenizer, build_chunk_vocab, build_tokenizer, split_chunks
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from conftest import fresh_process_env, hub_cache_snapshot  # noqa: E402
-from tokenization_i3 import I3Tokenizer, build_chunk_vocab, build_tokenizer, split_chunks  # noqa: E402
+from conftest import REPO_ROOT, fresh_process_env, hub_cache_snapshot
 
 OPEN_I3 = REPO_ROOT / "tests" / "fixtures" / "open-i3"
 CASES = json.loads((OPEN_I3 / "chunk_tokenizer_cases.json").read_text())

@@ -1,7 +1,6 @@
 """train.py end to end: `accelerate launch` with 1 and 2 CPU processes, exports that load, exact resume after SIGKILL,
 held-out text kept out of training, and one-line errors. A tiny model (hidden 32, 2 + 2 layers), 8 steps, offline."""
 
-import importlib.util
 import json
 import lzma
 import os
@@ -16,12 +15,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import write_basic_config
 
-from conftest import REPO_ROOT, tiny_config, tiny_model
+from i3 import train
 from i3.tokenization_i3 import split_chunks
 
-spec = importlib.util.spec_from_file_location("train", REPO_ROOT / "train.py")
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+from conftest import REPO_ROOT, tiny_config, tiny_model
 
 MARKER = " zqxjv"  # appended to the held-out file only: chunks Austen never writes
 
