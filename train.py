@@ -1,7 +1,7 @@
 """Pretrain an i3 language model with Accelerate and export a folder ready for `from_pretrained` and the Hub.
 
     accelerate launch train.py --max_train_steps 20 --config_overrides hidden_size=64 --output_dir out/smoke  # < 1 min
-    accelerate launch train.py                                        # CPU, ~8 min: a small i3 on Jane Austen
+    accelerate launch train.py                                        # CPU, ~5 min: a small i3 on Jane Austen
     accelerate launch --mixed_precision bf16 train.py --config recipes/i3-80m.yaml           # one GPU
     accelerate launch --multi_gpu --num_processes 8 train.py --config recipes/i3-80m.yaml    # 8 GPUs
     accelerate launch train.py --config recipes/i3-80m.yaml --resume_from_checkpoint latest  # continue a killed run
@@ -159,8 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_numbers(args)
     args.command = shlex.join(sys.argv[1:] if argv is None else argv)
     args.model_config = str(existing_path(args.model_config, "--model_config"))
-    args.model = model_config(args)
-    args.datasets = data_sources(args)
+    for flag in ("train_file", "validation_file"):
+        for path in getattr(args, flag) or []:
+            existing_path(path, f"--{flag}")
     checkpoint_dir = Path(args.output_dir) / "checkpoints"
     if not args.resume_from_checkpoint and latest_checkpoint(checkpoint_dir):
         fail(f"--output_dir {args.output_dir} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
@@ -243,7 +244,7 @@ def data_sources(args) -> list[dict]:
 # --- data ---
 
 
-def load_documents(source: dict, part: str, args, render_chat) -> datasets.Dataset | datasets.IterableDataset | None:
+def load_documents(source: dict, part: str, streaming: bool, render_chat):
     """The `part` ("train" or "validation") of one source as non-empty documents in a single `text` column."""
     if source["train_file"]:
         files = source[f"{part}_file"]
@@ -261,7 +262,7 @@ def load_documents(source: dict, part: str, args, render_chat) -> datasets.Datas
         label = f"--dataset_name {source['dataset_name']!r}"
         request = dict(path=source["dataset_name"], name=source["dataset_config_name"], split=source[f"{part}_split"])
     try:
-        dataset = datasets.load_dataset(**request, streaming=args.streaming)
+        dataset = datasets.load_dataset(**request, streaming=streaming)
     except Exception as error:  # offline, unknown id, split or config: datasets says which in its first line
         offline = datasets.config.HF_HUB_OFFLINE
         hint = " (HF_HUB_OFFLINE is set: download it once online, or use local files)" if offline else ""
@@ -341,64 +342,67 @@ def evaluation_windows(documents: list[list[int]], block_size: int, eos_id: int)
     return windows
 
 
-def build_dataloaders(args, accelerator: Accelerator):
-    """Tokenizer, training blocks (shuffled per epoch) and held-out windows with their UTF-8 byte count."""
-    given = load_tokenizer(args.tokenizer_name) if args.tokenizer_name else None
-    render_chat = chat_renderer(given)
-    with accelerator.main_process_first():  # the main process fills the caches, the others then read them
-        parts = [load_documents(source, "train", args, render_chat) for source in args.datasets]
-        probabilities = [source["probability"] for source in args.datasets]
-        train_documents = parts[0] if len(parts) == 1 else datasets.interleave_datasets(
-            parts, probabilities=None if None in probabilities else probabilities, seed=args.seed,
-            stopping_strategy="all_exhausted")
-        tokenizer = given or build_tokenizer(
-            args.tokenizer_type, first_documents(train_documents, args.tokenizer_max_documents), args.vocab_size,
-            args.tokenizer_cache_dir)
-        if tokenizer.eos_token_id is None:
-            fail(f"--tokenizer_name {args.tokenizer_name}: the tokenizer has no end-of-text (eos) token")
-        workers = {} if args.streaming else {"num_proc": args.preprocessing_num_workers}
-        train_blocks = train_documents.map(
-            lambda batch: {"input_ids": encode_documents(tokenizer, batch["text"])},
-            batched=True, remove_columns=["text"], **workers,
-        ).map(group_texts, batched=True, **workers, fn_kwargs={
-            "block_size": args.block_size, "eos_id": tokenizer.eos_token_id if args.separate_documents else None})
-        held_out = [first_documents(documents, args.max_eval_documents) if args.max_eval_documents else documents
-                    for source in args.datasets
-                    if (documents := load_documents(source, "validation", args, render_chat)) is not None]
-    if args.streaming:
-        train_blocks = train_blocks.shuffle(seed=args.seed, buffer_size=10_000)
-    train_loader = DataLoader(train_blocks.with_format("torch"), batch_size=args.per_device_train_batch_size,
-                              shuffle=not args.streaming, drop_last=True, collate_fn=default_data_collator)
+def load_corpus(sources: list[dict], streaming: bool, render_chat, seed: int, max_eval_documents: int | None):
+    """The training documents (the sources interleaved by their probabilities) and the held-out sets."""
+    parts = [load_documents(source, "train", streaming, render_chat) for source in sources]
+    probabilities = [source["probability"] for source in sources]
+    train_documents = parts[0] if len(parts) == 1 else datasets.interleave_datasets(
+        parts, probabilities=None if None in probabilities else probabilities, seed=seed,
+        stopping_strategy="all_exhausted")
+    held_out = [first_documents(documents, max_eval_documents) if max_eval_documents else documents
+                for source in sources
+                if (documents := load_documents(source, "validation", streaming, render_chat)) is not None]
+    return train_documents, held_out
+
+
+def training_loader(documents, tokenizer, block_size: int, batch_size: int, separate_documents: bool,
+                    streaming: bool, num_workers: int | None, seed: int) -> DataLoader:
+    """Blocks of `block_size` tokens packed from the documents, shuffled per epoch (streams through a buffer)."""
+    workers = {} if streaming else {"num_proc": num_workers}
+    blocks = documents.map(
+        lambda batch: {"input_ids": encode_documents(tokenizer, batch["text"])},
+        batched=True, remove_columns=["text"], **workers,
+    ).map(group_texts, batched=True, **workers, fn_kwargs={
+        "block_size": block_size, "eos_id": tokenizer.eos_token_id if separate_documents else None})
+    if streaming:
+        blocks = blocks.shuffle(seed=seed, buffer_size=10_000)
+    return DataLoader(blocks.with_format("torch"), batch_size=batch_size, shuffle=not streaming, drop_last=True,
+                      collate_fn=default_data_collator)
+
+
+def evaluation_loader(held_out: list, tokenizer, block_size: int, batch_size: int) -> tuple[DataLoader | None, int]:
+    """Windows over every held-out document and the UTF-8 bytes they hold (None and 0 without held-out data)."""
     texts = [row["text"] for documents in held_out for row in documents]
     if not texts:
-        return tokenizer, train_loader, None, 0
-    windows = evaluation_windows(encode_documents(tokenizer, texts), args.block_size, tokenizer.eos_token_id)
-    eval_loader = DataLoader(windows, batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator)
-    return tokenizer, train_loader, eval_loader, sum(len(text.encode("utf-8")) for text in texts)
+        return None, 0
+    windows = evaluation_windows(encode_documents(tokenizer, texts), block_size, tokenizer.eos_token_id)
+    loader = DataLoader(windows, batch_size=batch_size, collate_fn=default_data_collator)
+    return loader, sum(len(text.encode("utf-8")) for text in texts)
 
 
 # --- model and optimizer ---
 
 
-def model_config(args) -> I3Config:
+def model_config(preset: str, overrides: str | None, block_size: int, separate_documents: bool) -> I3Config:
     """The preset with --config_overrides, checked against --block_size before any data is read."""
-    config = I3Config.from_pretrained(args.model_config)
-    if args.config_overrides:
+    config = I3Config.from_pretrained(preset)
+    if overrides:
         try:
-            config.update_from_string(args.config_overrides)
+            config.update_from_string(overrides)
             config.validate_architecture()
         except ValueError as error:
-            fail(f"--config_overrides {args.config_overrides!r}: {error}")
-    if args.separate_documents and config.recurrent_mixer != "i3":
-        fail(f"--separate_documents needs the i3 recurrent mixer; {args.model_config} uses {config.recurrent_mixer!r}, "
-             "which cannot drop its state inside a block")
-    if config.position_embedding_type == "learned" and args.block_size > config.max_position_embeddings:
-        fail(f"--block_size {args.block_size} is above the model's learned positions (max_position_embeddings="
-             f"{config.max_position_embeddings} in {args.model_config})")
+            fail(f"--config_overrides {overrides!r}: {error}")
+    if separate_documents and config.recurrent_mixer != "i3":
+        fail(f"--separate_documents needs the i3 recurrent mixer; {preset} uses {config.recurrent_mixer!r}, which "
+             "cannot drop its state inside a block")
+    if config.position_embedding_type == "learned" and block_size > config.max_position_embeddings:
+        fail(f"--block_size {block_size} is above the model's learned positions (max_position_embeddings="
+             f"{config.max_position_embeddings} in {preset})")
     return config
 
 
-def build_model(config: I3Config, tokenizer, args) -> I3ForCausalLM:
+def build_model(config: I3Config, tokenizer, max_new_tokens: int, gradient_checkpointing: bool,
+                torch_compile: bool) -> I3ForCausalLM:
     """An untrained model sized to the tokenizer, with sampling defaults for `pipeline` and `generate`."""
     config.update({"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
@@ -406,10 +410,10 @@ def build_model(config: I3Config, tokenizer, args) -> I3ForCausalLM:
     model = I3ForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        do_sample=True, temperature=0.8, top_k=50, max_new_tokens=args.max_new_tokens)
-    if args.gradient_checkpointing:
+        do_sample=True, temperature=0.8, top_k=50, max_new_tokens=max_new_tokens)
+    if gradient_checkpointing:
         model.activation_checkpointing_enable()
-    if args.torch_compile:
+    if torch_compile:
         # regional compilation, in place: layers of one kind share their compiled code (two compiles in all, seconds
         # rather than the minutes of a whole-model graph) and the weights keep their names
         for layer in model.model.layers:
@@ -452,8 +456,9 @@ def build_optimizer(model: nn.Module, decayed: set[str], args, num_processes: in
     return optimizer, scheduler
 
 
-def prepare_model_and_optimizer(model: nn.Module, args, accelerator: Accelerator):
-    """The model wrapped for the engine (DDP, FSDP, DeepSpeed), its optimizer and schedule.
+def prepare_model_and_optimizer(model: nn.Module, accelerator: Accelerator, build_optimizer):
+    """The model wrapped for the engine (DDP, FSDP, DeepSpeed), its optimizer and schedule; `build_optimizer(model,
+    decayed_names)` makes the last two.
 
     FSDP2 and DeepSpeed take the optimizer with the model and map its groups onto the sharded parameters. FSDP1 swaps
     the parameters for flat shards as it wraps, so the optimizer is built after wrapping, which keeps the decay groups
@@ -464,11 +469,9 @@ def prepare_model_and_optimizer(model: nn.Module, args, accelerator: Accelerator
             fail("FSDP1 needs fsdp_use_orig_params: true in the accelerate config to keep weight decay off norms and "
                  "biases (see configs/accelerate/fsdp1.yaml), or use FSDP2 (fsdp_version: 2)")
         model = accelerator.prepare(model)
-        optimizer, scheduler = build_optimizer(model, decayed, args, accelerator.num_processes)
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        optimizer, scheduler = accelerator.prepare(*build_optimizer(model, decayed))
         return model, optimizer, scheduler
-    optimizer, scheduler = build_optimizer(model, decayed, args, accelerator.num_processes)
-    return accelerator.prepare(model, optimizer, scheduler)
+    return accelerator.prepare(model, *build_optimizer(model, decayed))
 
 
 def parameters_are_sharded(accelerator: Accelerator) -> bool:
@@ -531,15 +534,13 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
     accelerator.wait_for_everyone()
 
 
-def resume(args, accelerator: Accelerator):
+def resume(checkpoint: str, checkpoint_dir: Path, accelerator: Accelerator):
     """Restore weights, optimizer, scheduler, RNG states and TrainingProgress; "latest" with nothing saved yet starts
     afresh, so a crashed job can always be relaunched with the same command."""
-    path = args.resume_from_checkpoint
-    if path == "latest":
-        path = latest_checkpoint(Path(args.output_dir) / "checkpoints")
-        if path is None:
-            logger.info(f"no checkpoint in {args.output_dir} yet: starting from scratch", main_process_only=True)
-            return
+    path = latest_checkpoint(checkpoint_dir) if checkpoint == "latest" else checkpoint
+    if path is None:
+        logger.info(f"no checkpoint in {checkpoint_dir} yet: starting from scratch", main_process_only=True)
+        return
     logger.info(f"resuming from {path}", main_process_only=True)
     accelerator.load_state(str(path))
 
@@ -560,30 +561,13 @@ def training_batches(loader: DataLoader, progress: TrainingProgress, accelerator
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
 
-def train_step(model, batches, optimizer, scheduler, accelerator: Accelerator, args, progress) -> tuple[float, int]:
-    """One optimizer step over the micro-batches Accelerate accumulates (always --gradient_accumulation_steps of them:
-    an epoch's end does not cut a step short); returns the loss averaged over processes and the tokens trained on."""
-    losses, tokens = [], 0
-    while True:
-        batch = next(batches)
-        tokens += batch["input_ids"].numel() * accelerator.num_processes
-        with accelerator.accumulate(model):
-            loss = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["input_ids"],
-                         use_cache=False).loss
-            losses.append(accelerator.reduce(loss.detach(), "mean"))
-            if not torch.isfinite(losses[-1]):
-                newest = latest_checkpoint(Path(args.output_dir) / "checkpoints")
-                advice = (f"{newest} is intact: resume from it" if newest else "no checkpoint was written: restart")
-                fail(f"loss is {losses[-1].item()} at step {progress.step + 1}, stopped before updating the weights; "
-                     f"{advice} with a lower --learning_rate")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        if accelerator.sync_gradients:
-            return torch.stack(losses).mean().item(), tokens
+def stop_if_not_finite(loss: torch.Tensor, step: int, checkpoint_dir: Path):
+    """A NaN or infinite loss stops the run before it reaches the weights, pointing at the newest checkpoint."""
+    if not torch.isfinite(loss):
+        newest = latest_checkpoint(checkpoint_dir)
+        advice = f"{newest} is intact: resume from it" if newest else "no checkpoint was written: restart"
+        fail(f"loss is {loss.item()} at step {step}, stopped before updating the weights; {advice} with a lower "
+             "--learning_rate")
 
 
 def record_step(progress, bar, accelerator: Accelerator, loss: float, seconds: float, tokens: int, learning_rate):
@@ -616,8 +600,8 @@ def evaluate(model, loader: DataLoader, accelerator: Accelerator, num_bytes: int
     return {"eval_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total_nll / math.log(2) / num_bytes}
 
 
-def sample(model, tokenizer, accelerator: Accelerator, args) -> list[str]:
-    """Continuations of --sample_prompts, sampled with a fixed seed off the training RNG streams. Every process
+def sample(model, tokenizer, accelerator: Accelerator, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+    """Continuations of the prompts, sampled with a fixed seed off the training RNG streams. Every process
     generates, so that sharded weights are gathered by all of them together (`synced_gpus` keeps them stepping in
     lockstep); the main process keeps the texts."""
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
@@ -628,21 +612,23 @@ def sample(model, tokenizer, accelerator: Accelerator, args) -> list[str]:
     texts = []
     cuda_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(args.seed)
-        for prompt in args.sample_prompts:
+        torch.manual_seed(seed)
+        for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(accelerator.device)
-            output = model.generate(ids, max_new_tokens=args.max_new_tokens,
+            output = model.generate(ids, max_new_tokens=max_new_tokens,
                                     synced_gpus=parameters_are_sharded(accelerator) and accelerator.num_processes > 1)
             texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
     model.train()
     return texts if accelerator.is_main_process else []
 
 
-def evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, args, progress):
+def evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, progress, prompts, max_new_tokens,
+                        seed):
+    """Held-out metrics and samples, logged and kept in `progress`."""
     # compiled layers run their eager code here: other shapes and no-grad mode must not trigger recompiles
     with torch.compiler.set_stance("force_eager"):
         results = evaluate(model, eval_loader, accelerator, eval_bytes) if eval_loader is not None else {}
-        samples = sample(model, tokenizer, accelerator, args)
+        samples = sample(model, tokenizer, accelerator, prompts, max_new_tokens, seed)
     progress.evaluations.append({"step": progress.step, **results, "samples": samples})
     accelerator.log({f"eval/{name}": value for name, value in results.items()}, step=progress.step)
     summary = ", ".join(f"{name} {value:.4f}" for name, value in results.items())
@@ -653,32 +639,31 @@ def evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, 
 # --- export: weights, tokenizer, model card ---
 
 
-def export(args, accelerator: Accelerator, model, tokenizer, progress: TrainingProgress, eval_bytes: int) -> dict:
-    """Everything `from_pretrained(..., trust_remote_code=True)` and the Hub need, in --output_dir; returns the
-    final results (on the main process)."""
+def export(output_dir: Path, accelerator: Accelerator, model, tokenizer, progress: TrainingProgress) -> dict:
+    """Weights, config and code, tokenizer, results and loss plot in `output_dir`, ready for `from_pretrained(...,
+    trust_remote_code=True)`; returns the final results (on the main process, {} on the others)."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # every process joins the gather of sharded weights
     if not accelerator.is_main_process:
         return {}
-    output_dir = Path(args.output_dir)
     model = accelerator.unwrap_model(model)
     # weights, config with auto_map, code files, generation_config.json
     model.save_pretrained(output_dir, state_dict=state_dict)
     if model.config.position_embedding_type == "learned":  # so that `truncation=True` stops at the last position
         tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.save_pretrained(output_dir)
-    final = progress.evaluations[-1]
-    results = {key: value for key, value in final.items() if key != "samples"}
+    results = {key: value for key, value in progress.evaluations[-1].items() if key != "samples"}
     results.update(train_loss=progress.train_losses[-1][1], train_tokens=progress.tokens,
                    train_seconds=progress.train_seconds, tokens_per_second=progress.tokens / progress.train_seconds)
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(progress, output_dir / "loss.png")
-    write_card(output_dir / "README.md", args, accelerator, model, tokenizer, progress, results, eval_bytes)
-    if args.push_to_hub:
-        repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
-        upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*"])
-        logger.info(f"uploaded to https://huggingface.co/{repo_id}", main_process_only=True)
     return results
+
+
+def push_to_hub(output_dir: Path, repo_name: str):
+    repo_id = create_repo(repo_name, exist_ok=True).repo_id
+    upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*"])
+    logger.info(f"uploaded to https://huggingface.co/{repo_id}", main_process_only=True)
 
 
 def plot_losses(progress: TrainingProgress, path: Path):
@@ -693,11 +678,13 @@ def plot_losses(progress: TrainingProgress, path: Path):
     figure.savefig(path, dpi=120)
 
 
-def write_card(path: Path, args, accelerator: Accelerator, model, tokenizer, progress, results: dict, eval_bytes: int):
-    """The folder's model card, filled in from this run: what was trained on what, how, and how well."""
-    held_out = [f"{s['dataset_name']} ({s['validation_split']})" for s in args.datasets
+def write_card(path: Path, args, sources: list[dict], accelerator: Accelerator, model, tokenizer, progress,
+               results: dict, eval_bytes: int):
+    """The folder's model card, filled in from this run (its arguments and data sources): what was trained on what,
+    how, and how well."""
+    held_out = [f"{s['dataset_name']} ({s['validation_split']})" for s in sources
                 if s["dataset_name"] and s["validation_split"]]
-    held_out += [Path(file).name for s in args.datasets for file in s["validation_file"]]
+    held_out += [Path(file).name for s in sources for file in s["validation_file"]]
     evaluation = "No held-out data was given." if "eval_loss" not in results else (
         f"Held out: {', '.join(held_out)}, {eval_bytes:,} bytes of UTF-8, never trained on.\n\n"
         "| loss (nats/token) | perplexity (per token) | bits per byte |\n|---|---|---|\n"
@@ -713,7 +700,7 @@ def write_card(path: Path, args, accelerator: Accelerator, model, tokenizer, pro
         f"{' kept apart inside a block' if args.separate_documents else ''}; tokenizer: {type(tokenizer).__name__} "
         f"with {len(tokenizer):,} entries, built from the training documents only.",
         "",
-        *(f"- {describe_source(source)}" for source in args.datasets),
+        *(f"- {describe_source(source)}" for source in sources),
         "",
         "| steps | tokens | batch | optimizer | schedule | precision | hardware | time |",
         "|---|---|---|---|---|---|---|---|",
@@ -734,7 +721,7 @@ def write_card(path: Path, args, accelerator: Accelerator, model, tokenizer, pro
         summary=f"An i3 language model trained from scratch with `train.py` of the i3 repository: recurrent layers "
                 f"(the `{model.config.recurrent_mixer}` mixer) under causal attention.",
         prompt=args.sample_prompts[0] if args.sample_prompts else "", tags=[],
-        datasets=[s["dataset_name"] for s in args.datasets if s["dataset_name"]],
+        datasets=[s["dataset_name"] for s in sources if s["dataset_name"]],
         sections={"Training": training, "Evaluation": evaluation, "Samples": samples})
 
 
@@ -766,6 +753,13 @@ def thread_count_was_chosen() -> bool:
         return True
 
 
+def check_processes_are_connected(accelerator: Accelerator):
+    started = int(os.environ.get("WORLD_SIZE", 1))
+    if started != accelerator.num_processes:  # e.g. an FSDP or DeepSpeed config on a machine without GPUs
+        fail(f"{started} processes were launched on {accelerator.device} but each runs alone: on CPUs, run DDP with "
+             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu; the FSDP and DeepSpeed configs need GPUs")
+
+
 def use_all_cores(accelerator: Accelerator) -> str:
     """One CPU process uses every core it may run on, unless the user chose a thread count; says which it was."""
     if accelerator.device.type != "cpu" or accelerator.num_processes > 1:
@@ -779,6 +773,10 @@ def use_all_cores(accelerator: Accelerator) -> str:
 
 def main():
     args = parse_args()
+    sources = data_sources(args)
+    config = model_config(args.model_config, args.config_overrides, args.block_size, args.separate_documents)
+    output_dir, checkpoint_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
+
     # a step always sums --gradient_accumulation_steps micro-batches, across epoch ends too (equal to one large batch)
     accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
     accelerator = Accelerator(
@@ -787,46 +785,85 @@ def main():
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
-    started = int(os.environ.get("WORLD_SIZE", 1))
-    if started != accelerator.num_processes:  # e.g. an FSDP or DeepSpeed config on a machine without GPUs
-        fail(f"{started} processes were launched on {accelerator.device} but each runs alone: on CPUs, run DDP with "
-             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu; the FSDP and DeepSpeed configs need GPUs")
+    check_processes_are_connected(accelerator)
     threads = use_all_cores(accelerator)
     logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device} with {torch.get_num_threads()} "
                 f"thread(s) each{threads}, mixed precision {accelerator.mixed_precision}", main_process_only=True)
     set_seed(args.seed)
 
-    tokenizer, train_loader, eval_loader, eval_bytes = build_dataloaders(args, accelerator)
-    model = build_model(args.model, tokenizer, args)
+    # data and tokenizer (the main process fills the datasets and tokenizer caches, the others then read them)
+    given_tokenizer = load_tokenizer(args.tokenizer_name) if args.tokenizer_name else None
+    with accelerator.main_process_first():
+        train_documents, held_out = load_corpus(sources, args.streaming, chat_renderer(given_tokenizer), args.seed,
+                                                args.max_eval_documents)
+        tokenizer = given_tokenizer or build_tokenizer(
+            args.tokenizer_type, first_documents(train_documents, args.tokenizer_max_documents), args.vocab_size,
+            args.tokenizer_cache_dir)
+        if tokenizer.eos_token_id is None:
+            fail(f"--tokenizer_name {args.tokenizer_name}: the tokenizer has no end-of-text (eos) token")
+        train_loader = training_loader(train_documents, tokenizer, args.block_size, args.per_device_train_batch_size,
+                                       args.separate_documents, args.streaming, args.preprocessing_num_workers,
+                                       args.seed)
+    eval_loader, eval_bytes = evaluation_loader(held_out, tokenizer, args.block_size, args.per_device_eval_batch_size)
+
+    # model, optimizer, schedule, and where a killed run left off
+    model = build_model(config, tokenizer, args.max_new_tokens, args.gradient_checkpointing, args.torch_compile)
     logger.info(f"{model.num_parameters():,} parameters, vocabulary {len(tokenizer):,}", main_process_only=True)
-    model, optimizer, scheduler = prepare_model_and_optimizer(model, args, accelerator)
+    model, optimizer, scheduler = prepare_model_and_optimizer(
+        model, accelerator, lambda model, decayed: build_optimizer(model, decayed, args, accelerator.num_processes))
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
     if args.resume_from_checkpoint:
-        resume(args, accelerator)
+        resume(args.resume_from_checkpoint, checkpoint_dir, accelerator)
     if args.with_tracking:
         accelerator.init_trackers("runs", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
 
-    checkpoint_dir = Path(args.output_dir) / "checkpoints"
-    batches = training_batches(train_loader, progress, accelerator)
+    # the loop: an optimizer step every --gradient_accumulation_steps micro-batches, then evaluation and checkpoints
     model.train()
+    losses, tokens, start = [], 0, time.perf_counter()
     bar = tqdm(total=args.max_train_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
     with logging_redirect_tqdm(), bar:  # log lines print above the bar
-        while progress.step < args.max_train_steps:
-            start = time.perf_counter()
-            loss, tokens = train_step(model, batches, optimizer, scheduler, accelerator, args, progress)
+        for batch in training_batches(train_loader, progress, accelerator):
+            if progress.step >= args.max_train_steps:  # a run resumed from its last checkpoint
+                break
+            tokens += batch["input_ids"].numel() * accelerator.num_processes
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                             labels=batch["input_ids"], use_cache=False).loss
+                losses.append(accelerator.reduce(loss.detach(), "mean"))
+                stop_if_not_finite(losses[-1], progress.step + 1, checkpoint_dir)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+
             seconds = time.perf_counter() - start
             if args.torch_compile and progress.step == 0:
                 logger.info(f"first step, compilation included: {seconds:.1f} s", main_process_only=True)
-            record_step(progress, bar, accelerator, loss, seconds, tokens, scheduler.get_last_lr()[0])
+            record_step(progress, bar, accelerator, torch.stack(losses).mean().item(), seconds, tokens,
+                        scheduler.get_last_lr()[0])
             last_step = progress.step == args.max_train_steps
             if last_step or (args.eval_steps and progress.step % args.eval_steps == 0):
-                evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, args, progress)
+                evaluate_and_sample(model, tokenizer, eval_loader, eval_bytes, accelerator, progress,
+                                    args.sample_prompts, args.max_new_tokens, args.seed)
             if args.checkpointing_steps and (last_step or progress.step % args.checkpointing_steps == 0):
                 save_checkpoint(accelerator, checkpoint_dir, progress.step, args.checkpoints_total_limit)
+            if last_step:
+                break
+            losses, tokens, start = [], 0, time.perf_counter()
 
-    results = export(args, accelerator, model, tokenizer, progress, eval_bytes)
+    # export: weights, tokenizer, results, model card, and the Hub if asked
+    results = export(output_dir, accelerator, model, tokenizer, progress)
+    if accelerator.is_main_process:
+        write_card(output_dir / "README.md", args, sources, accelerator, accelerator.unwrap_model(model), tokenizer,
+                   progress, results, eval_bytes)
+        if args.push_to_hub:
+            push_to_hub(output_dir, args.hub_model_id or output_dir.name)
     logger.info(f"saved {args.output_dir}: {json.dumps(results)}", main_process_only=True)
     accelerator.end_training()
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from accelerate import Accelerator
 from accelerate.utils import write_basic_config
 
 from i3 import train
@@ -61,6 +60,23 @@ class Workspace:
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         return result
+
+
+def settings(argv: list[str]):
+    """What train.main checks before it builds anything: the flags, the data mixture and the model config."""
+    args = train.parse_args(argv)
+    sources = train.data_sources(args)
+    return args, sources, train.model_config(args.model_config, args.config_overrides, args.block_size,
+                                             args.separate_documents)
+
+
+def tokenizer_and_loaders(argv: list[str]):
+    """The tokenizer, training loader and held-out loader (with its byte count) of these flags, in this process."""
+    args, sources, _ = settings(argv)
+    documents, held_out = train.load_corpus(sources, args.streaming, train.chat_renderer(None), 0, None)
+    tokenizer = train.build_tokenizer(args.tokenizer_type, documents, args.vocab_size, args.tokenizer_cache_dir)
+    return (tokenizer, train.training_loader(documents, tokenizer, args.block_size, 4, False, args.streaming, None, 0),
+            *train.evaluation_loader(held_out, tokenizer, args.block_size, 8))
 
 
 def results(output_dir: Path) -> dict:
@@ -182,8 +198,7 @@ def test_partial_checkpoint_is_never_latest(tmp_path):
 def test_held_out_text_reaches_neither_training_nor_the_vocabulary(workspace, in_process_cache):
     """The held-out file's text is in no training block and shaped no vocabulary entry, though it is evaluated (a
     vocabulary built with it would have learned its repeated marker)."""
-    args = train.parse_args(workspace.args(workspace.root / "unused"))
-    tokenizer, train_loader, eval_loader, eval_bytes = train.build_dataloaders(args, Accelerator(cpu=True))
+    tokenizer, train_loader, eval_loader, eval_bytes = tokenizer_and_loaders(workspace.args(workspace.root / "unused"))
     training_text = decode_blocks(tokenizer, train_loader.dataset.with_format(None))
     scored = [label for window in eval_loader.dataset for label in window["labels"][1:] if label != -100]
     held_out_text = tokenizer.decode(scored)
@@ -217,10 +232,10 @@ def test_chat_messages_are_rendered_with_the_chat_template(workspace, in_process
     rows = [{"messages": [{"role": role, "content": text} for role, text in zip(["user", "assistant"], turns)]}
             for turns in conversations]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    args = train.parse_args(["--train_file", str(tmp_path / "chat.jsonl"), "--messages_column", "messages",
-                             "--vocab_size", "290", "--tokenizer_cache_dir", str(tmp_path), "--block_size", "16",
-                             "--model_config", str(workspace.model_config), "--output_dir", str(tmp_path / "out")])
-    tokenizer, train_loader, eval_loader, _ = train.build_dataloaders(args, Accelerator(cpu=True))
+    tokenizer, train_loader, eval_loader, _ = tokenizer_and_loaders([
+        "--train_file", str(tmp_path / "chat.jsonl"), "--messages_column", "messages", "--vocab_size", "290",
+        "--tokenizer_cache_dir", str(tmp_path), "--block_size", "16", "--model_config", str(workspace.model_config),
+        "--output_dir", str(tmp_path / "out")])
     stream = decode_blocks(tokenizer, train_loader.dataset.with_format(None))
     first = tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False) + tokenizer.eos_token
     assert stream.startswith(first) and first.startswith("User: Hello\nAssistant: Hi")
@@ -237,10 +252,9 @@ def test_two_sources_stream_interleaved_with_their_probabilities(workspace, in_p
             (tmp_path / name / f"{split}.jsonl").write_text("".join(lines))
     mixture = [{"dataset_name": str(tmp_path / "stories"), "text_column": "story", "probability": 0.8},
                {"dataset_name": str(tmp_path / "facts"), "probability": 0.2}]
-    args = train.parse_args(["--datasets", json.dumps(mixture), "--streaming", "--vocab_size", "300",
-                             "--tokenizer_cache_dir", str(tmp_path), "--block_size", "16",
-                             "--model_config", str(workspace.model_config), "--output_dir", str(tmp_path / "out")])
-    tokenizer, train_loader, eval_loader, _ = train.build_dataloaders(args, Accelerator(cpu=True))
+    tokenizer, train_loader, eval_loader, _ = tokenizer_and_loaders([
+        "--datasets", json.dumps(mixture), "--streaming", "--vocab_size", "300", "--tokenizer_cache_dir", str(tmp_path),
+        "--block_size", "16", "--model_config", str(workspace.model_config), "--output_dir", str(tmp_path / "out")])
     blocks = [block for block, _ in zip(train_loader.dataset.with_format(None), range(60))]
     training_text = decode_blocks(tokenizer, blocks)
     assert training_text.count("stories train") > 2 * training_text.count("facts train") > 0
@@ -251,14 +265,14 @@ def test_two_sources_stream_interleaved_with_their_probabilities(workspace, in_p
 
 def test_recipes_parse_with_their_hub_mixture_and_flags_win():
     """The published recipes name existing presets and a weighted Hub mixture, and command-line flags override them."""
-    args = train.parse_args(["--config", str(REPO_ROOT / "recipes" / "i3-80m.yaml"), "--learning_rate", "1e-3",
-                             "--output_dir", "unused"])
+    args, sources, _ = settings(["--config", str(REPO_ROOT / "recipes" / "i3-80m.yaml"), "--learning_rate", "1e-3",
+                                 "--output_dir", "unused"])
     assert args.learning_rate == 1e-3 and args.max_train_steps == 5000 and args.vocab_size == 35560
-    assert [s["dataset_name"] for s in args.datasets] == [
+    assert [s["dataset_name"] for s in sources] == [
         "roneneldan/TinyStories", "starhopp3r/TinyChat", "agentlans/high-quality-english-sentences"]
-    assert sum(s["probability"] for s in args.datasets) == pytest.approx(1.0)
-    args = train.parse_args(["--config", str(REPO_ROOT / "recipes" / "i3-200m.yaml"), "--output_dir", "unused"])
-    assert args.tokenizer_type == "bpe" and args.model.recurrent_mixer == "rwkv4" and len(args.datasets) == 4
+    assert sum(s["probability"] for s in sources) == pytest.approx(1.0)
+    args, sources, config = settings(["--config", str(REPO_ROOT / "recipes" / "i3-200m.yaml"), "--output_dir", "unused"])
+    assert args.tokenizer_type == "bpe" and config.recurrent_mixer == "rwkv4" and len(sources) == 4
 
 
 def test_missing_files_name_the_argument(tmp_path):
@@ -274,15 +288,15 @@ def test_block_size_above_learned_positions_is_refused(workspace, tmp_path):
     learned = tmp_path / "learned.json"
     tiny_config(position_embedding_type="learned", max_position_embeddings=16).to_json_file(learned)
     with pytest.raises(SystemExit) as stop:
-        train.parse_args(["--model_config", str(learned), "--block_size", "32", "--output_dir", str(tmp_path)])
+        settings(["--model_config", str(learned), "--block_size", "32", "--output_dir", str(tmp_path)])
     assert str(stop.value.code).startswith("error: --block_size 32 is above the model's learned positions")
 
 
 def test_unreachable_hub_dataset_offline_names_the_argument(workspace, in_process_cache, tmp_path):
     """A Hub dataset that cannot be reached offline stops in one line naming --dataset_name and the offline mode."""
-    args = train.parse_args(["--dataset_name", "i3-tests/no-such-dataset", "--output_dir", str(tmp_path)])
+    _, sources, _ = settings(["--dataset_name", "i3-tests/no-such-dataset", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit) as stop:
-        train.load_documents(args.datasets[0], "train", args, render_chat=None)
+        train.load_documents(sources[0], "train", streaming=False, render_chat=None)
     message = str(stop.value.code)
     assert message.startswith("error: --dataset_name 'i3-tests/no-such-dataset' could not be loaded")
     assert "HF_HUB_OFFLINE" in message and "\n" not in message
@@ -391,7 +405,7 @@ def test_bad_numbers_and_overrides_stop_in_one_line(workspace, tmp_path, flags, 
     """Out-of-range numbers and overrides the model cannot be built from stop in one line naming the flag, before
     anything is read or written."""
     with pytest.raises(SystemExit) as stop:
-        train.parse_args(workspace.args(tmp_path / "out", *flags))
+        settings(workspace.args(tmp_path / "out", *flags))
     assert str(stop.value.code).startswith(message) and "\n" not in str(stop.value.code)
     assert not (tmp_path / "out").exists()
 
@@ -464,4 +478,4 @@ def test_separated_documents_get_restarting_positions(workspace, tmp_path):
     published = tmp_path / "open.json"
     tiny_config(recurrent_mixer="open-i3").to_json_file(published)
     with pytest.raises(SystemExit, match="--separate_documents needs the i3 recurrent mixer"):
-        train.parse_args(workspace.args(tmp_path / "out", "--model_config", str(published), "--separate_documents"))
+        settings(workspace.args(tmp_path / "out", "--model_config", str(published), "--separate_documents"))
