@@ -76,23 +76,6 @@ def assert_outputs_and_grads_close(actual, expected, inputs, atol=1e-5):
         torch.testing.assert_close(got, want, atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("seq_len", LENGTHS)
-@pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("chunk_size", [1, 4, 8])
-def test_i3_chunked_matches_loop(seq_len, with_state, chunk_size):
-    """The chunked i3 scan gives the loop's outputs, final state and gradients, for any length and chunk size."""
-    inputs = i3_inputs(seq_len, with_state)
-    assert_outputs_and_grads_close(run_chunked(inputs, chunk_size), i3_ssm_loop(**inputs), inputs)
-
-
-@pytest.mark.parametrize("seq_len", LENGTHS)
-@pytest.mark.parametrize("with_state", [False, True])
-def test_i3_step_matches_loop(seq_len, with_state):
-    """Decoding one step at a time from the state gives the loop's outputs, final state and gradients."""
-    inputs = i3_inputs(seq_len, with_state, seed=1)
-    assert_outputs_and_grads_close(run_steps(inputs), i3_ssm_loop(**inputs), inputs)
-
-
 def test_i3_chunked_long_sequence_is_stable():
     """Strong decays over 300 steps (many chunks) stay finite and match the loop: no overflow in exp(cumsum)."""
     inputs = i3_inputs(300, True, seed=2)
@@ -144,23 +127,6 @@ def open_i3_steps(inputs):
     return torch.cat(ys, dim=1), average, state
 
 
-@pytest.mark.parametrize("seq_len", LENGTHS)
-@pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("chunk_size", [1, 4, 8])
-def test_open_i3_chunked_matches_loop(seq_len, with_state, chunk_size):
-    """The chunked open-i3 recurrence (EMA + LTI state) gives the loop's outputs, final states and gradients."""
-    inputs = open_i3_inputs(seq_len, with_state)
-    assert_outputs_and_grads_close(open_i3_chunked(inputs, chunk_size), open_i3_loop(**inputs), inputs)
-
-
-@pytest.mark.parametrize("seq_len", LENGTHS)
-@pytest.mark.parametrize("with_state", [False, True])
-def test_open_i3_step_matches_loop(seq_len, with_state):
-    """Single steps of the open-i3 recurrence give the loop's outputs, final states and gradients."""
-    inputs = open_i3_inputs(seq_len, with_state, seed=1)
-    assert_outputs_and_grads_close(open_i3_steps(inputs), open_i3_loop(**inputs), inputs)
-
-
 def wkv_inputs(seq_len, with_state, seed=0, batch=2, width=6):
     generator = torch.Generator().manual_seed(seed)
 
@@ -183,35 +149,56 @@ def comparable_state(state):
     return torch.log(bb) + pp, aa / bb
 
 
+def wkv_chunked(inputs, chunk_size):
+    wkv, state = wkv4_scan_chunked(**inputs, chunk_size=chunk_size)
+    return wkv, *comparable_state(state)
+
+
+def wkv_steps(inputs):
+    state = inputs["initial_state"]
+    if state is None:
+        zeros = torch.zeros(inputs["k"].shape[0], inputs["k"].shape[2])
+        state = torch.stack([zeros, zeros, zeros - 1e30], dim=1)
+    outputs = []
+    for t in range(inputs["k"].shape[1]):
+        out, state = wkv4_scan_step(inputs["k"][:, t : t + 1], inputs["v"][:, t : t + 1], inputs["time_decay"],
+                                    inputs["time_first"], initial_state=state)
+        outputs.append(out)
+    return torch.cat(outputs, 1), *comparable_state(state)
+
+
+def wkv_loop(inputs):
+    wkv, state = wkv4_loop(**inputs)
+    return wkv, *comparable_state(state)
+
+
+# scan -> (inputs, chunked evaluation, single-step evaluation, plain loop, tolerance)
+SCANS = {
+    "i3": (i3_inputs, run_chunked, run_steps, lambda inputs: i3_ssm_loop(**inputs), 1e-5),
+    "open-i3": (open_i3_inputs, open_i3_chunked, open_i3_steps, lambda inputs: open_i3_loop(**inputs), 1e-5),
+    # keys up to ~20 would overflow a naive exp in the WKV
+    "rwkv4": (wkv_inputs, wkv_chunked, wkv_steps, wkv_loop, 1e-4),
+}
+
+
 @pytest.mark.parametrize("seq_len", LENGTHS)
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 4, 8])
-def test_wkv4_chunked_matches_loop(seq_len, with_state, chunk_size):
-    """The chunked WKV gives the stable loop's outputs, final state and gradients, with keys large enough to
-    overflow a naive exp."""
-    inputs = wkv_inputs(seq_len, with_state)
-    wkv, state = wkv4_loop(**inputs)
-    wkv_chunked, state_chunked = wkv4_scan_chunked(**{**inputs, "chunk_size": chunk_size})
-    assert_outputs_and_grads_close(
-        (wkv_chunked, *comparable_state(state_chunked)), (wkv, *comparable_state(state)), inputs, atol=1e-4
-    )
+@pytest.mark.parametrize("scan", SCANS)
+def test_chunked_scan_matches_loop(scan, seq_len, with_state, chunk_size):
+    """Each chunked scan gives its plain loop's outputs, final states and gradients, for any length, chunk size and
+    initial state."""
+    make_inputs, chunked, _, loop, atol = SCANS[scan]
+    inputs = make_inputs(seq_len, with_state)
+    assert_outputs_and_grads_close(chunked(inputs, chunk_size), loop(inputs), inputs, atol=atol)
 
 
 @pytest.mark.parametrize("seq_len", LENGTHS)
 @pytest.mark.parametrize("with_state", [False, True])
-def test_wkv4_step_matches_loop(seq_len, with_state):
-    """Single WKV steps from the cached state give the loop's outputs, final state and gradients."""
-    inputs = wkv_inputs(seq_len, with_state, seed=1)
-    wkv, state = wkv4_loop(**inputs)
-    step_state = inputs["initial_state"]
-    if step_state is None:
-        zeros = torch.zeros(inputs["k"].shape[0], inputs["k"].shape[2])
-        step_state = torch.stack([zeros, zeros, zeros - 1e30], dim=1)
-    outputs = []
-    for t in range(seq_len):
-        out, step_state = wkv4_scan_step(inputs["k"][:, t : t + 1], inputs["v"][:, t : t + 1], inputs["time_decay"],
-                                         inputs["time_first"], initial_state=step_state)
-        outputs.append(out)
-    assert_outputs_and_grads_close(
-        (torch.cat(outputs, 1), *comparable_state(step_state)), (wkv, *comparable_state(state)), inputs, atol=1e-4
-    )
+@pytest.mark.parametrize("scan", SCANS)
+def test_single_steps_match_loop(scan, seq_len, with_state):
+    """Decoding one step at a time from the state, as generation does, gives the loop's outputs, final states and
+    gradients."""
+    make_inputs, _, steps, loop, atol = SCANS[scan]
+    inputs = make_inputs(seq_len, with_state, seed=1)
+    assert_outputs_and_grads_close(steps(inputs), loop(inputs), inputs, atol=atol)
