@@ -411,3 +411,25 @@ def test_published_mixers_refuse_packed_documents(mixer):
     model = layout_model(mixer)
     with pytest.raises(ValueError, match=f"`{mixer}`"):
         model(random_ids(1, 8), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
+
+
+def test_no_deprecation_warning_on_either_cache_name(caplog):
+    """Generating, and calling forward with the cache under this transformers' name or the other one, warns about
+    nothing: i3 speaks both names itself instead of leaning on transformers' deprecated aliases."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    model = layout_model("i3")
+    ids = random_ids(1, 6)
+    transformers_logging.enable_propagation()
+    try:
+        with warnings.catch_warnings(), caplog.at_level("WARNING"):
+            warnings.simplefilter("error")
+            model.generate(ids, max_new_tokens=4, **GREEDY)
+            cache = getattr(model(ids, use_cache=True), CACHE_NAME)
+            for name in ("cache", "past_key_values"):
+                model(random_ids(1, 1), **{name: cache})
+    finally:
+        transformers_logging.disable_propagation()
+    assert not [record for record in caplog.records if "deprecat" in record.getMessage().lower()]
