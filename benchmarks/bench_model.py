@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from i3.configuration_i3 import I3Config
-from i3.modeling_i3 import I3ForCausalLM, i3_scan_chunked, i3_scan_step
+from i3.modeling_i3 import CACHE_NAME, I3ForCausalLM, i3_scan_chunked, i3_scan_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,12 +139,12 @@ def cache_bytes(cache: DynamicCache) -> int:
 def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, int]:
     """Prefill `prompt`, then greedy-decode `new_tokens` one at a time; returns decode seconds and cache bytes."""
     cache = DynamicCache(config=model.config)
-    logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(prompt, **{CACHE_NAME: cache}, use_cache=True).logits[:, -1]
     memory = cache_bytes(cache)
     start = time.perf_counter()
     for _ in range(new_tokens):
         next_token = logits.argmax(-1, keepdim=True)
-        logits = model(next_token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(next_token, **{CACHE_NAME: cache}, use_cache=True).logits[:, -1]
     return time.perf_counter() - start, memory
 
 
