@@ -1,13 +1,8 @@
 """i3 tokenizers: the chunk tokenizer of the i3-80M code (SPEC 4), made lossless, and the i3-200M style byte-level BPE.
 
-Chunk rule (the original, exactly). At position p the next chunk is 3 characters when
-  1. `text[p:p+3]` is one of the 28 trigrams below, or
-  2. `text[p-1]` is a space (p > 0), or
-  3. `text[p+3]` is a space (it exists, so the chunk ends right before a space);
-otherwise 2 characters, or 1 when a single character is left. Fewer than 3 characters left means no 3-chunk.
-"Space" is " " only, not tabs or newlines. A chunk missing from the vocabulary falls back to its longest prefix that
-is known, advancing by that prefix; when not even its first character is known, one character is emitted as unknown.
-The next chunk is then chosen from the new position by the same rule.
+The chunk rule (SPEC 4, the original exactly) is written once, in plain Python: `chunk_rule_reference` below. The
+tokenizer runs it through a numpy engine, the same rule made fast (section "the chunk rule made fast"); the tests
+show the two equal on generated text in both modes, and the published fixtures check both against the original.
 
 Two modes, one rule:
 - default (lossless): case is kept, and an unknown character becomes the `<0xNN>` tokens of its UTF-8 bytes, so
@@ -20,9 +15,8 @@ Two modes, one rule:
 As in every transformers tokenizer, special tokens written in a text (`<eos>` in a chat) are matched before chunking
 (`split_special_tokens=True` turns that off); nothing is added around a text when encoding.
 
-No Python loop runs over characters: texts are numbered, cut and looked up in numpy, a group of them at once (the
-section "the chunk rule over a group of texts"), for `tokenizer(batch)` as `datasets.map(batched=True)` calls it, for
-single texts, and for `split_chunks`, which the vocabulary builder counts from.
+The engine serves `tokenizer(batch)` as `datasets.map(batched=True)` calls it, single texts, and `split_chunks`, which
+the vocabulary builder counts from; transformers' own `prepare_for_model` and `pad` do truncation and padding.
 
 Entry points: `I3Tokenizer.from_open_i3_vocab(path)` (the converter), `build_chunk_vocab(texts, vocab_size)` and
 `build_tokenizer(kind, texts, vocab_size)` with kind "chunk" or "bpe" (the training script).
@@ -34,11 +28,9 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from itertools import groupby, pairwise, product
-from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import tokenizers
@@ -56,6 +48,32 @@ TRIGRAMS = (
     "the", "and", "ing", "ion", "tio", "for", "tha", "ter", "hat", "his", "ere", "ent", "her", "was",
     "you", "are", "not", "but", "can", "all", "whi", "one", "our", "out", "whe", "hav", "thi", "wit",
 )  # fmt: skip
+TRIGRAM_SET = frozenset(TRIGRAMS)
+
+
+def chunk_rule_reference(text: str, vocab: Container[str] | None = None) -> list[str]:
+    """SPEC 4's chunks of `text`, one position at a time: the definition the numpy engine makes fast.
+
+    At position p the chunk is 3 characters when `text[p:p+3]` is one of the 28 trigrams, or `text[p-1]` is a space,
+    or `text[p+3]` is a space (so 3 characters must be left, and a 4th for the last test); otherwise 2, or 1 when one
+    character is left. "Space" is " " only. A chunk missing from `vocab` falls back to its longest prefix in it, and
+    when not even its first character is in it, that character alone is returned, unknown: the caller writes it as
+    `<UNK>` (compat) or as its UTF-8 byte tokens (lossless). The next chunk starts right after, by the same rule.
+    Without a vocabulary every chunk counts as known (what `split_chunks` returns).
+    """
+    chunks, p = [], 0
+    while p < len(text):
+        three = p + 3 <= len(text) and (
+            text[p : p + 3] in TRIGRAM_SET
+            or (p > 0 and text[p - 1] == " ")
+            or (p + 3 < len(text) and text[p + 3] == " ")
+        )
+        chunk = text[p : p + 3] if three else text[p : p + 2]
+        while vocab is not None and len(chunk) > 1 and chunk not in vocab:
+            chunk = chunk[:-1]
+        chunks.append(chunk)
+        p += len(chunk)
+    return chunks
 
 
 OPEN_I3 = "open-i3"
@@ -63,6 +81,9 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<bos
 OPEN_I3_SPECIAL_TOKENS = {"unk_token": "<UNK>"}  # the published vocabularies have no pad, bos or eos
 BYTE_TOKENS = tuple(f"<0x{value:02X}>" for value in range(256))
 VOCAB_FILE_NAME = "vocab.json"
+# `tokenizer(...)` options that transformers' `prepare_for_model` applies to each text
+PER_TEXT_OPTIONS = ("add_special_tokens", "max_length", "stride", "return_token_type_ids", "return_special_tokens_mask",
+                    "return_length", "verbose")  # fmt: skip
 
 # "Role: content" lines; an assistant turn ends with eos so generation stops there. The generation prompt has no
 # trailing space because chunks (and byte-level BPE words) carry their leading space.
@@ -94,12 +115,21 @@ OPEN_I3_CHAT_TEMPLATE = """\
 """
 
 
-# --- the chunk rule over a group of texts at once (numpy; one implementation for every path) ---
+# --- the chunk rule made fast: `chunk_rule_reference` over a group of texts at once, in numpy ---
 #
-# A group of texts is joined into one array of characters, numbered by the vocabulary. The rule gives the chunk length
-# at every position; a parallel prefix scan turns lengths into the chain of chunk starts 0 -> 0 + length[0] -> ...;
-# the vocabulary is looked up along that chain, and where it cuts a chunk short the real chain takes a detour, found
-# the same way in a window after the cut. Every step is a handful of numpy calls over the whole group.
+# The reference walks one chunk at a time in Python (about 4 million characters a second). The engine computes the
+# same chunks with a handful of numpy calls per group of texts, each step over every position at once:
+#   1. Number the characters (`ChunkVocabulary.number`): the texts are joined, and bytes.translate (or a table of
+#      all code points) turns each character into a small number, 1-27 for the rule's letters and space.
+#   2. The rule's length at every position (`_rule_lengths`): its three tests are array comparisons, the trigrams one
+#      lookup in a table of 28**3 flags; positions whose reads would leave their text are redone apart.
+#   3. The chain of chunk starts 0 -> 0 + length[0] -> ... (`_chunk_start_flags`) is sequential, but it is a prefix
+#      scan: each position is a map of d, the distance to the next chunk start, and maps compose (see there).
+#   4. The vocabulary is looked up only along that chain, by a hash table of packed keys (`ChunkVocabulary`).
+#   5. Where it cuts a chunk short, the real chain leaves the rule's chain for a few chunks: these detours are found by
+#      the same scan in a window after each cut and put into the chain (`_chunk_group`).
+#   6. Lossless mode: each unknown character becomes its UTF-8 byte tokens (`I3Tokenizer._with_byte_tokens`).
+#   7. Ids become each text's Python list by slicing one array of ready-made int objects (no int is made per token).
 
 LOOK_AHEAD = 3  # the rule reads text[p+3]; this many NULs after the joined texts keep every read inside the array
 GROUP_CHARACTERS = 2**17  # texts encoded together: arrays this long stay in cache (15% faster than 3 times longer)
@@ -266,7 +296,7 @@ def _rule_lengths(numbers: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return lengths
 
 
-# The chain of chunk starts as a scan. Reading positions left to right, keep d = the distance from p to the next chunk
+# Step 3, the chain of chunk starts as a scan. Reading positions left to right, keep d = the distance from p to the next chunk
 # start (0-2). Position p maps d to step[p] - 1 when d == 0 (a chunk starts at p) and to d - 1 otherwise: a map of
 # {0, 1, 2} to itself, coded as f(0) + 3 f(1) + 9 f(2) (27 codes). Maps compose associatively, so the d at every
 # position, d == 0 marking the chunk starts, is a prefix scan of maps starting from d = 0. Each text's last chunk ends
@@ -364,34 +394,19 @@ def _chunk_starts(steps: np.ndarray) -> np.ndarray:
     return _chunk_start_flags(steps)[: len(steps)].nonzero()[0]
 
 
-# The vocabulary only matters where it cuts a chunk short: there the real chain leaves the rule's chain (a detour) and
-# rejoins it a few chunks later. So only the rule's chain is looked up (about 0.45 lookups per character instead of one
-# at every position), then a window of positions after each cut, in which the real chain is found by the same scan.
-# Groups with many or long detours (much text the vocabulary lacks) are looked up at every position instead.
+# Step 5: the vocabulary only matters where it cuts a chunk short. There the real chain leaves the rule's chain (a
+# detour) and rejoins it a few chunks later, so only the rule's chain is looked up (about 0.45 lookups per character
+# instead of one at every position), then a window of positions after each cut, cut into chunks by the same scan. A
+# group with many or long detours (much text the vocabulary lacks) is looked up at every position instead.
 DETOUR_WINDOW = 32  # positions after a cut looked up at first, 4 times more for the detours that need it
 LONGEST_DETOUR = 512  # positions
 MOST_DETOURS = 1 / 32  # per chunk of the rule's chain; a group with more is looked up everywhere
+MANY_DETOURS = 256  # a group's detours are put in by slices up to this many (fast when few), by numpy's insert above
 
 
-class Detours(NamedTuple):
-    """Where the real chain goes around the rule's: chain indices [begins[j], ends[j]) are replaced by the chunks
-    bounds[j]:bounds[j + 1] of `starts` and `ids` (ids + 1), for each detour j, in order."""
-
-    begins: np.ndarray  # (k,)
-    ends: np.ndarray  # (k,)
-    bounds: np.ndarray  # (k + 1,)
-    starts: np.ndarray  # (w,)
-    ids: np.ndarray  # (w,)
-
-
-NO_DETOURS = Detours(*(np.zeros(0, np.intp),) * 2, np.zeros(1, np.intp), *(np.zeros(0, np.intp),) * 2)
-
-
-def _chunk_group(
-    numbers: np.ndarray, starts: np.ndarray, vocabulary: ChunkVocabulary
-) -> tuple[np.ndarray, np.ndarray, Detours]:
-    """The chunks of the joined texts: where they start (chunks,) intp, their ids + 1 (chunks,) (0: unknown
-    character), and the detours that replace some of them."""
+def _chunk_group(numbers: np.ndarray, starts: np.ndarray, vocabulary: ChunkVocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks of the joined texts (steps 2-5 above): where they start (chunks,) intp and their ids + 1 (chunks,)
+    int64 (0: an unknown character)."""
     lengths = _rule_lengths(numbers, starts)
     on_chain = _chunk_start_flags(lengths)
     chain = on_chain[: len(lengths)].nonzero()[0]
@@ -399,16 +414,16 @@ def _chunk_group(
     steps, ids = vocabulary.longest_known(numbers, chain, chain_lengths)
     cut_short = (steps != chain_lengths).nonzero()[0]  # indices into chain
     if not cut_short.size:
-        return chain, ids, NO_DETOURS
+        return chain, ids
     if len(cut_short) <= MOST_DETOURS * len(chain):
         leaves = chain[cut_short]
         detours = _detours(numbers, lengths, on_chain, leaves + steps[cut_short], DETOUR_WINDOW, vocabulary)
         if detours is not None:
-            return chain, ids, _taken_detours(chain, leaves, *detours)
+            return _take_detours(chain, ids, leaves, *detours)
     everywhere = np.arange(len(lengths))
     steps, ids = vocabulary.longest_known(numbers, everywhere, lengths)
     chain = _chunk_starts(steps)
-    return chain, ids[chain], NO_DETOURS
+    return chain, ids[chain]
 
 
 def _detours(
@@ -455,25 +470,41 @@ def _detours(
     return rejoins, detour[order], walked_starts[order], walked_ids[order]
 
 
-def _taken_detours(
+def _take_detours(
     chain: np.ndarray,
+    ids: np.ndarray,
     leaves: np.ndarray,
     rejoins: np.ndarray,
     walked_detours: np.ndarray,
     walked_starts: np.ndarray,
     walked_ids: np.ndarray,
-) -> Detours:
-    """The detours the real chain takes, from each chunk cut short at `leaves` to `rejoins`, as chain indices: a
-    detour is taken when its chunk cut short is on the real chain, not inside an earlier detour taken."""
-    taken, reach = np.zeros(len(leaves), bool), -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rule's chain (`chain`, `ids`) with the detours from the chunks cut short at `leaves` to `rejoins` put in:
+    the chain's chunks strictly between the two give way to the detour's walked chunks. A detour is taken when its
+    chunk cut short is on the real chain, not inside an earlier detour taken."""
+    taken, reach = [], -1
     for detour, (leave, rejoin) in enumerate(zip(leaves.tolist(), rejoins.tolist())):
         if leave >= reach:
-            taken[detour], reach = True, rejoin
-    walked = taken[walked_detours]
-    walked_detours, walked_starts, walked_ids = walked_detours[walked], walked_starts[walked], walked_ids[walked]
-    bounds = np.searchsorted(walked_detours, np.append(taken.nonzero()[0], len(leaves)))  # (k + 1,)
-    begins = np.searchsorted(chain, leaves[taken], "right")  # the chunk after the one cut short
-    return Detours(begins, np.searchsorted(chain, rejoins[taken]), bounds, walked_starts, walked_ids)
+            taken.append(detour)
+            reach = rejoin
+    begins = np.searchsorted(chain, leaves[taken], "right")  # the chain's chunk after the one cut short
+    ends = np.searchsorted(chain, rejoins[taken])  # the chain's chunk where the detour rejoins
+    if len(taken) > MANY_DETOURS:  # drop the stretches by one mask, then insert all walked chunks at once
+        inside = np.zeros(len(chain) + 1, np.int8)  # +1 where a dropped stretch begins, -1 where it ends
+        inside[begins] += 1
+        inside[ends] -= 1
+        kept = np.cumsum(inside[:-1]) == 0
+        walked = np.isin(walked_detours, taken)
+        at = np.searchsorted(chain[kept], walked_starts[walked])  # right after the chunk cut short
+        return np.insert(chain[kept], at, walked_starts[walked]), np.insert(ids[kept], at, walked_ids[walked])
+    firsts = np.searchsorted(walked_detours, taken).tolist()  # each detour's walked chunks, in order
+    lasts = np.searchsorted(walked_detours, taken, "right").tolist()
+    starts, chunk_ids, resume = [], [], 0
+    for begin, end, first, last in zip(begins.tolist(), ends.tolist(), firsts, lasts):
+        starts += [chain[resume:begin], walked_starts[first:last]]
+        chunk_ids += [ids[resume:begin], walked_ids[first:last]]
+        resume = end
+    return np.concatenate([*starts, chain[resume:]]), np.concatenate([*chunk_ids, ids[resume:]])
 
 
 def _groups(strings: Iterable[str], characters: int) -> Iterator[list[str]]:
@@ -624,8 +655,9 @@ def build_chunk_vocab(
 class I3Tokenizer(PreTrainedTokenizer):
     """The i3 chunk tokenizer: lossless by default, or the published ids with `compat="open-i3"` (module docstring).
 
-    Batches of plain strings (what `datasets.map(batched=True)` sends) go straight from text to ids; the other calls
-    take the generic Python-backend route through `_tokenize`, and both give the same ids.
+    Plain strings, one or a batch (what `datasets.map(batched=True)` sends), are encoded together by the engine, then
+    handed to transformers' `prepare_for_model` and `pad`; pairs and pre-split words take the generic Python-backend
+    route through `_tokenize`. Both give the same ids.
     """
 
     vocab_files_names = {"vocab_file": VOCAB_FILE_NAME}
@@ -691,57 +723,34 @@ class I3Tokenizer(PreTrainedTokenizer):
     # --- text to ids ---
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text by the chunk rule (the numpy section above), in groups of whole texts of about
+        """Ids of each text by the chunk rule (the numpy engine above), in groups of whole texts of about
         GROUP_CHARACTERS characters."""
         return [ids for group in _groups(texts, GROUP_CHARACTERS) for ids in self._encode_group(group)]
 
     def _encode_group(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text by the chunk rule, the whole group at once."""
+        """Ids of each text by the chunk rule, the whole group at once (steps 1-7 of the engine)."""
         if self.compat:
             texts = [text.lower() for text in texts]  # one by one: str.lower's final sigma depends on the neighbours
         code_points, numbers, starts = self._chunk_vocabulary.number(texts)  # (n + LOOK_AHEAD,) twice
         if starts[-1] == 0:
             return [[] for _ in texts]
-        chunk_starts, ids_plus_one, detours = _chunk_group(numbers, starts, self._chunk_vocabulary)  # (chunks,) twice
+        chunk_starts, ids_plus_one = _chunk_group(numbers, starts, self._chunk_vocabulary)  # (chunks,) twice
         offsets = np.searchsorted(chunk_starts, starts)  # (texts + 1,) where each text's ids begin, then the end
         if self.compat:
             self._id_objects[0] = self.unk_token_id
-        else:  # unknown characters become their UTF-8 bytes, on the rule's chain and on the detours
-            ids_plus_one, offsets, begins, ends = self._with_byte_tokens(
-                ids_plus_one, chunk_starts, code_points, offsets, detours.begins, detours.ends
-            )
-            detour_ids, bounds = self._with_byte_tokens(detours.ids, detours.starts, code_points, detours.bounds)
-            detours = Detours(begins, ends, bounds, detours.starts, detour_ids)
+        else:
+            ids_plus_one, offsets = self._with_byte_tokens(ids_plus_one, chunk_starts, code_points, offsets)
         objects = self._id_objects.take(ids_plus_one)  # (ids,) object: tolist copies references, creating no ints
-        return self._id_lists(objects, offsets, detours)
-
-    def _id_lists(self, objects: np.ndarray, offsets: np.ndarray, detours: Detours) -> list[list[int]]:
-        """Each text's ids as a list: its slice of the rule's chain (`objects`, (chunks,) Python ints), with the
-        stretches the real chain goes around replaced by the detours' ids."""
-        detour_texts = np.searchsorted(offsets, detours.begins - 1, "right") - 1  # the text of each chunk cut short
-        bounds = offsets.tolist()
-        encoded = [objects[start:end].tolist() for start, end in pairwise(bounds)]
-        replacements = self._id_objects.take(detours.ids).tolist()
-        spans = zip(detour_texts.tolist(), detours.begins.tolist(), detours.ends.tolist(),
-                    pairwise(detours.bounds.tolist()))  # fmt: skip
-        for text, text_detours in groupby(spans, key=itemgetter(0)):
-            ids, base, rebuilt, resume = encoded[text], bounds[text], [], bounds[text]
-            for _, begin, end, (first, last) in text_detours:
-                rebuilt += ids[resume - base : begin - base]
-                rebuilt += replacements[first:last]
-                resume = end
-            rebuilt += ids[resume - base :]
-            encoded[text] = rebuilt
-        return encoded
+        return [objects[start:end].tolist() for start, end in pairwise(offsets.tolist())]
 
     def _with_byte_tokens(
-        self, ids_plus_one: np.ndarray, chunk_starts: np.ndarray, code_points: np.ndarray, *indices: np.ndarray
-    ) -> tuple[np.ndarray, ...]:
-        """`ids_plus_one` (chunks,) with each unknown character (0) replaced by the byte tokens of its UTF-8 form (+ 1),
-        then each of `indices` (boundaries between chunks) moved to match."""
+        self, ids_plus_one: np.ndarray, chunk_starts: np.ndarray, code_points: np.ndarray, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Step 6: `ids_plus_one` (chunks,) with each unknown character (0) replaced by the byte tokens of its UTF-8
+        form (+ 1), and the texts' `offsets` (texts + 1,) into it moved to match."""
         unknown = (ids_plus_one == 0).nonzero()[0]
         if not unknown.size:
-            return ids_plus_one, *indices
+            return ids_plus_one, offsets
         code_points = code_points[chunk_starts[unknown]]
         text = code_points.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
         utf8 = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)  # the unknown characters' bytes, in order
@@ -751,7 +760,7 @@ class I3Tokenizer(PreTrainedTokenizer):
         ids_plus_one[ids_plus_one == 0] = self._byte_ids.take(utf8) + 1
         moved = np.zeros(len(widths) + 1, np.intp)  # (chunks + 1,) old boundary -> new
         np.cumsum(widths, out=moved[1:])
-        return ids_plus_one, *(moved[index] for index in indices)
+        return ids_plus_one, moved[offsets]
 
     def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
         """Ids of each text; one holding an added token (`<eos>` in a chat) is split on it by transformers first."""
@@ -765,12 +774,12 @@ class I3Tokenizer(PreTrainedTokenizer):
                 for text, split in zip(texts, special)]  # fmt: skip
 
     def _encode_plus(self, text, text_pair=None, **kwargs) -> BatchEncoding:
-        """Plain strings, one or a batch, skip the per-text bookkeeping of the Python backend: ids, then transformers'
-        own truncation, special tokens and padding. Pairs, pre-split words and per-token extras go the generic way."""
-        single = isinstance(text, str)
-        texts = [text] if single else text
-        generic = ("is_split_into_words", "return_overflowing_tokens", "return_special_tokens_mask",
-                   "return_offsets_mapping", "return_token_type_ids")  # fmt: skip
+        """`tokenizer(text)` as the Python backend runs it, except that plain strings, one or a batch, are encoded
+        together by the engine. Their ids then take the backend's own route: `prepare_for_model` for each text
+        (truncation, special tokens, extra outputs), then `pad` for the batch. Pairs, pre-split words, offsets and
+        overflowing tokens go the generic way."""
+        texts = [text] if isinstance(text, str) else text
+        generic = ("is_split_into_words", "return_offsets_mapping", "return_overflowing_tokens")
         if (
             text_pair is not None
             or not isinstance(texts, (list, tuple))
@@ -778,38 +787,46 @@ class I3Tokenizer(PreTrainedTokenizer):
             or any(kwargs.get(option) for option in generic)
         ):
             return super()._encode_plus(text, text_pair=text_pair, **kwargs)
-
         input_ids = self._encode_texts(texts, kwargs.get("split_special_tokens", self.split_special_tokens))
-        add_special_tokens = kwargs.get("add_special_tokens", True)
-        max_length, truncation = kwargs.get("max_length"), kwargs.get("truncation_strategy")
-        if max_length and truncation not in (None, TruncationStrategy.DO_NOT_TRUNCATE):
-            room = max_length - (self.num_special_tokens_to_add() if add_special_tokens else 0)
-            input_ids = [
-                self.truncate_sequences(ids, num_tokens_to_remove=len(ids) - room, truncation_strategy=truncation)[0]
-                for ids in input_ids
-            ]
-        if add_special_tokens and self.num_special_tokens_to_add():  # i3's own tokenizers add none
-            input_ids = list(map(self.build_inputs_with_special_tokens, input_ids))
-        padding = kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD)
+        per_text = {name: kwargs[name] for name in PER_TEXT_OPTIONS if name in kwargs}
+        per_text["truncation"] = kwargs.get("truncation_strategy", TruncationStrategy.DO_NOT_TRUNCATE).value
+        padding = kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD).value
+        mask, return_tensors = kwargs.get("return_attention_mask"), kwargs.get("return_tensors")
+        if isinstance(text, str):
+            return self.prepare_for_model(
+                input_ids[0], **per_text, padding=padding, pad_to_multiple_of=kwargs.get("pad_to_multiple_of"),
+                padding_side=kwargs.get("padding_side"), return_attention_mask=mask, return_tensors=return_tensors,
+                prepend_batch_axis=True,
+            )  # fmt: skip
+        if self._prepares_nothing(input_ids, per_text):
+            encoded = {"input_ids": input_ids}
+        else:  # as the Python backend does for each text of a batch: no padding or mask until the whole batch is in
+            encoded = {}
+            for ids in input_ids:
+                for key, value in self.prepare_for_model(ids, **per_text, return_attention_mask=False).items():
+                    encoded.setdefault(key, []).append(value)
         if padding != PaddingStrategy.DO_NOT_PAD:
             encoded = self.pad(
-                {"input_ids": input_ids},
-                padding=padding,
-                max_length=max_length,
-                pad_to_multiple_of=kwargs.get("pad_to_multiple_of"),
-                padding_side=kwargs.get("padding_side"),
-                return_attention_mask=kwargs.get("return_attention_mask"),
-            )
-        else:  # what pad() returns without padding, minus its per-text cost
-            encoded = {"input_ids": input_ids}
-            if kwargs.get("return_attention_mask") is not False:
-                encoded["attention_mask"] = [[1] * len(ids) for ids in input_ids]
-        if kwargs.get("return_length"):
-            encoded["length"] = list(map(len, input_ids))
-        return_tensors = kwargs.get("return_tensors")
-        if single and not return_tensors:  # one text gives flat lists, as in transformers
-            encoded = {key: values[0] for key, values in encoded.items()}
-        return BatchEncoding(dict(encoded), tensor_type=return_tensors)
+                encoded, padding=padding, max_length=per_text.get("max_length"),
+                pad_to_multiple_of=kwargs.get("pad_to_multiple_of"), padding_side=kwargs.get("padding_side"),
+                return_attention_mask=mask,
+            )  # fmt: skip
+        elif mask or (mask is None and "attention_mask" in self.model_input_names):
+            # what pad() adds without padding, minus its call per text (which would cost a tenth of the batch's time)
+            encoded["attention_mask"] = [[1] * len(ids) for ids in encoded["input_ids"]]
+        return BatchEncoding(encoded, tensor_type=return_tensors)
+
+    def _prepares_nothing(self, input_ids: list[list[int]], per_text: dict) -> bool:
+        """Whether `prepare_for_model(ids, **per_text)` gives every text's ids alone, unchanged: no special token to
+        add, no text to truncate, no extra output asked for."""
+        extras = ("return_token_type_ids", "return_special_tokens_mask", "return_length")
+        max_length = per_text.get("max_length")
+        return (
+            not any(per_text.get(name) for name in extras)
+            and not (per_text.get("add_special_tokens", True) and self.num_special_tokens_to_add())
+            and (per_text["truncation"] == TruncationStrategy.DO_NOT_TRUNCATE or max_length is None
+                 or max(map(len, input_ids), default=0) <= max_length)
+        )  # fmt: skip
 
 
 # --- byte-level BPE (i3-200M style) and the one entry point for training scripts ---

@@ -3,22 +3,22 @@
     python benchmarks/bench_tokenizer.py                      # paragraphs of the five training books, best of 3
     python benchmarks/bench_tokenizer.py --unit line --repeats 5
 
-The published loop re-types the structure of the i3-80M code's `ChunkTokenizer.encode`: lower-case the text, then at
-each chunk a method call (`_should_use_3char`) choosing 3 characters on a trigram or a space before/after, else 2, a
-vocabulary lookup through `self`, the prefix fallback, `<UNK>`. I3Tokenizer is called the way `datasets.map(batched=
-True)` calls a tokenizer: `tokenizer(batch)` on lists of `--batch_size` texts, which returns ids and attention masks.
+The published loop is the i3-80M code's `ChunkTokenizer.encode`: lower-case the text, then the chunk rule one chunk at
+a time in Python, which is `chunk_rule_reference` (the rule as tokenization_i3 writes it once), and `<UNK>` for an
+unknown character. I3Tokenizer is called the way `datasets.map(batched=True)` calls a tokenizer: `tokenizer(batch)` on
+lists of `--batch_size` texts, which returns ids and attention masks.
 Both are timed on the same batches, each batch's output dropped before the next. Three comparisons:
   compat  - `I3Tokenizer.from_open_i3_vocab` on the vocabulary the published builder makes from this text (the ids
             must be identical, and are checked);
   fixture - the same with the fixtures' published vocabulary (1,701 chunks of Emma: many unknown chunks);
   i3      - the lossless tokenizer shipped at the repo root (its own ids), the one training uses.
 
-Measured on the project machine (2 shared cores, best of 3, batches of 1000): on paragraphs the published loop runs at
-4.0-4.5 Mch/s and I3Tokenizer at 46-48 Mch/s in compat (10.3-11.9x), 42-45 Mch/s for i3 (9.8-11.2x: its vocabulary,
-cut at 4,466 tokens, sends the chain on ~90 detours per batch) and 26-27 Mch/s on the fixture vocabulary (6.1-6.7x).
-About a tenth of i3's time is page faults (~12,000 a pass): glibc hands the freed arrays of each group back to the
-system and faults them in again; with MALLOC_MMAP_THRESHOLD_=268435456 in the environment they are gone (46 Mch/s).
-Whole books: 14x. Lines (63 characters) only 6-7x: each text's own list of ids and of mask costs about 0.4 us in Python.
+Measured on the project machine (2 shared cores, best of 3, batches of 1000, paragraphs): the reference loop runs at
+4.2 Mch/s (the re-typed published structure, a method call per chunk, ran at 3.1), I3Tokenizer at 39-41 Mch/s in
+compat (9.4-9.7x), 36-38 Mch/s for i3 (8.6-8.9x: its vocabulary, cut at 4,466 tokens, sends the chain on ~90 detours
+per batch) and 21-22 Mch/s on the fixture vocabulary (5.1x). The machine is shared: repeat, and compare medians.
+About a tenth of i3's time is page faults: glibc hands the freed arrays of each group back to the system and faults
+them in again; MALLOC_MMAP_THRESHOLD_=268435456 in the environment removes them.
 """
 
 import argparse
@@ -27,11 +27,12 @@ import json
 import lzma
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from i3.tokenization_i3 import I3Tokenizer
+from i3.tokenization_i3 import I3Tokenizer, chunk_rule_reference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,11 +40,8 @@ FIXTURE_VOCAB = REPO / "tests" / "fixtures" / "open-i3" / "chunk_vocab_combined.
 
 
 class PublishedChunkTokenizer:
-    """SPEC 4's chunk tokenizer as the i3-80M code runs it (`ChunkTokenizer.encode`), re-typed in its structure: a
-    method call per chunk to decide its length, the vocabulary and trigrams read through `self`, one step per chunk."""
-
-    common_trigrams = frozenset("the and ing ion tio for tha ter hat his ere ent her was you are not but can all whi "
-                                "one our out whe hav thi wit".split())  # fmt: skip
+    """SPEC 4's chunk tokenizer as the i3-80M code runs it (`ChunkTokenizer.encode`): the text lower-cased, then the
+    rule one chunk at a time in Python, which is `chunk_rule_reference`, and `<UNK>` for an unknown character."""
 
     def __init__(self, chunk_to_idx: dict[str, int]):
         self.chunk_to_idx = chunk_to_idx
@@ -52,47 +50,13 @@ class PublishedChunkTokenizer:
     @classmethod
     def build(cls, texts: list[str]) -> "PublishedChunkTokenizer":
         """Every chunk of the lower-cased texts, most frequent first (ties by string), after `<UNK>` = 0."""
-        rule, counts = cls({"<UNK>": 0}), {}
-        for text in texts:
-            text, pos = text.lower(), 0
-            while pos < len(text):
-                chunk = text[pos : pos + min(3 if rule._should_use_3char(pos, text) else 2, len(text) - pos)]
-                counts[chunk] = counts.get(chunk, 0) + 1
-                pos += len(chunk)
+        counts = Counter(chunk for text in texts for chunk in chunk_rule_reference(text.lower()))
         ranked = sorted(counts, key=lambda chunk: (-counts[chunk], chunk))
         return cls({"<UNK>": 0, **{chunk: index for index, chunk in enumerate(ranked, start=1)}})
 
-    def _should_use_3char(self, pos: int, text: str) -> bool:
-        if pos + 3 > len(text):
-            return False
-        if text[pos : pos + 3] in self.common_trigrams:
-            return True
-        if pos > 0 and text[pos - 1] == " ":
-            return True
-        if pos + 3 < len(text) and text[pos + 3] == " ":
-            return True
-        return False
-
     def encode(self, text: str) -> list[int]:
-        text = text.lower()
-        tokens, pos = [], 0
-        while pos < len(text):
-            chunk_len = 3 if self._should_use_3char(pos, text) else 2
-            chunk_len = min(chunk_len, len(text) - pos)
-            chunk = text[pos : pos + chunk_len]
-            if chunk in self.chunk_to_idx:
-                tokens.append(self.chunk_to_idx[chunk])
-                pos += chunk_len
-                continue
-            for shorter in range(chunk_len - 1, 0, -1):  # the longest known prefix
-                if chunk[:shorter] in self.chunk_to_idx:
-                    tokens.append(self.chunk_to_idx[chunk[:shorter]])
-                    pos += shorter
-                    break
-            else:
-                tokens.append(self.unk_idx)
-                pos += 1
-        return tokens
+        get, unknown = self.chunk_to_idx.get, self.unk_idx
+        return [get(chunk, unknown) for chunk in chunk_rule_reference(text.lower(), self.chunk_to_idx)]
 
     def save(self, path: Path) -> None:
         """The published file layout, so `I3Tokenizer.from_open_i3_vocab` can read it."""

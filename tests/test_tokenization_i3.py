@@ -1,7 +1,8 @@
 """I3Tokenizer and the BPE builder: the chunk rule, published ids, losslessness, loading, chat, batching, bad input.
 
-References are independent of tokenization_i3: the fixtures' published ids, strings written out by hand, and the
-chunk rule re-typed below from SPEC 4 as a plain loop.
+The chunk rule is written once, as `chunk_rule_reference` (plain Python, shared with the benchmark). It is checked
+against what is independent of tokenization_i3: the fixtures' published ids (the original tokenizer's output) and
+strings cut by hand; the numpy engine is then checked against it on generated text, in both modes.
 """
 
 import glob
@@ -20,9 +21,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizer, pipeline
 
-from i3.tokenization_i3 import I3Tokenizer, build_chunk_vocab, build_tokenizer, split_chunks
+from i3 import tokenization_i3
+from i3.tokenization_i3 import I3Tokenizer, build_chunk_vocab, build_tokenizer, chunk_rule_reference, split_chunks
 
 from conftest import REPO_ROOT, fresh_process_env, hub_cache_snapshot
 
@@ -35,45 +37,21 @@ BOOKS = sorted(glob.glob(str(REPO_ROOT / "data/austen/*.txt.xz")))
 TRAINING_BOOKS = [path for path in BOOKS if "persuasion" not in path]
 
 
-# --- SPEC 4's rule as a plain loop: the reference ---
-
-SPEC_TRIGRAMS = set("the and ing ion tio for tha ter hat his ere ent her was you are not but can all whi one our out "
-                    "whe hav thi wit".split())  # fmt: skip
-
-
-def spec_chunk_size(text: str, p: int) -> int:
-    if p + 3 <= len(text) and (
-        text[p : p + 3] in SPEC_TRIGRAMS or (p > 0 and text[p - 1] == " ") or (p + 3 < len(text) and text[p + 3] == " ")
-    ):
-        return 3
-    return min(2, len(text) - p)
-
-
-def spec_split(text: str) -> list[str]:
-    chunks, p = [], 0
-    while p < len(text):
-        chunks.append(text[p : p + spec_chunk_size(text, p)])
-        p += len(chunks[-1])
-    return chunks
-
-
-def spec_encode(text: str, vocab: dict[str, int], unknown) -> list[int]:
-    """Chunk by the rule; an unknown chunk falls back to its longest known prefix, else `unknown(character)`."""
-    ids, p = [], 0
-    while p < len(text):
-        chunk = text[p : p + spec_chunk_size(text, p)]
-        known = [chunk[:size] for size in range(len(chunk), 0, -1) if chunk[:size] in vocab]
-        ids += [vocab[known[0]]] if known else unknown(text[p])
-        p += len(known[0]) if known else 1
-    return ids
+# --- the chunk rule's reference, as ids in each mode ---
 
 
 def published_ids(text: str) -> list[int]:
-    return spec_encode(text.lower(), FIXTURE_VOCAB, lambda character: [0])
+    """The original tokenizer's ids: lower-cased, an unknown character is `<UNK>` (0)."""
+    return [FIXTURE_VOCAB.get(chunk, 0) for chunk in chunk_rule_reference(text.lower(), FIXTURE_VOCAB)]
 
 
 def lossless_ids(text: str, vocab: dict[str, int] = ROOT_VOCAB) -> list[int]:
-    return spec_encode(text, vocab, lambda character: [vocab[f"<0x{b:02X}>"] for b in utf8(character)])
+    """i3's ids: case kept, an unknown character is the byte tokens of its UTF-8 form."""
+    return [
+        id_
+        for chunk in chunk_rule_reference(text, vocab)
+        for id_ in ([vocab[chunk]] if chunk in vocab else [vocab[f"<0x{b:02X}>"] for b in utf8(chunk)])
+    ]
 
 
 def utf8(text: str) -> bytes:
@@ -104,11 +82,35 @@ TEXTS = st.one_of(
 # --- the chunk rule and published ids ---
 
 
+# Cut by hand from SPEC 4: a trigram; a space before; a space after; 2 otherwise; 1 at the very end; no 3 when only 3
+# characters are left and nothing follows (the space-after test needs a 4th); "space" is " " only.
+HAND_CUT = {
+    "the cat": ["the", " c", "at"],
+    "a cat sat": ["a ", "cat", " s", "at"],
+    "xyz abc": ["xyz", " a", "bc"],
+    "ab cd": ["ab", " c", "d"],
+    "abc": ["ab", "c"],
+    "ab\tcde": ["ab", "\tc", "de"],
+}
+
+
+@pytest.mark.parametrize("text", HAND_CUT)
+def test_reference_cuts_as_by_hand(text):
+    """The reference cuts strings as SPEC 4 does by hand, and `split_chunks` (the engine) agrees."""
+    assert chunk_rule_reference(text) == split_chunks(text) == HAND_CUT[text]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[repr(case["text"][:20]) for case in CASES])
+def test_reference_gives_published_ids(case):
+    """The reference with the published vocabulary gives the original tokenizer's ids: it is the original rule."""
+    assert published_ids(case["text"]) == case["ids"]
+
+
 @settings(max_examples=1000, deadline=None)
 @given(TEXTS)
-def test_split_chunks_is_the_spec_rule(text):
-    """`split_chunks` cuts any string exactly as SPEC 4's loop does (vocabularies are counted from it)."""
-    assert split_chunks(text) == spec_split(text)
+def test_split_chunks_is_the_reference(text):
+    """`split_chunks` (the engine, no vocabulary) cuts any string as the reference does (vocabularies count it)."""
+    assert split_chunks(text) == chunk_rule_reference(text)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[repr(case["text"][:20]) for case in CASES])
@@ -127,8 +129,8 @@ def test_published_ids_batched(compat):
 @settings(max_examples=1000, deadline=None)
 @given(TEXTS)
 def test_published_ids_on_any_text(compat, text):
-    """With the published vocabulary (many unknown chunks), ids equal the re-typed original loop's on any string
-    (which knows no special tokens, so `<UNK>` written in a text is chunked here too)."""
+    """With the published vocabulary (many unknown chunks), ids equal the reference's on any string (which knows no
+    special tokens, so `<UNK>` written in a text is chunked here too)."""
     assert compat(text, split_special_tokens=True)["input_ids"] == published_ids(text)
 
 
@@ -149,8 +151,8 @@ BATCHES = st.one_of(
 @settings(max_examples=600, deadline=None)
 @given(BATCHES)
 def test_batched_ids_follow_the_rule(compat, root, texts):
-    """Batches (the `datasets.map` path) cut each text as if it were alone: the re-typed original loop's ids with the
-    published vocabulary, the lossless rule's with the default one, and those decode back to every text."""
+    """Batches (the `datasets.map` path) cut each text as if it were alone: the reference's ids with the published
+    vocabulary and with the default one, and those decode back to every text."""
     assert compat(texts, split_special_tokens=True)["input_ids"] == list(map(published_ids, texts))
     encoded = root(texts, split_special_tokens=True)["input_ids"]
     assert encoded == list(map(lossless_ids, texts))
@@ -164,10 +166,13 @@ def write_vocab(path: Path, chunks: list[str]) -> dict[str, int]:
     return vocab
 
 
-def test_detours_of_every_length(tmp_path):
+@pytest.mark.parametrize("many_detours", [0, 10**9], ids=["insert", "slices"])
+def test_detours_of_every_length(tmp_path, monkeypatch, many_detours):
     """A chunk cut short puts the real chain off the rule's until they meet again ("qa" is missing, so "q" goes alone
     and the chain runs one character off through an "abab..." run): detours that rejoin within the first window looked
-    up, within a longer one, and in none (then every position is looked up) give the loop's ids, alone or batched."""
+    up, within a longer one, and in none (then every position is looked up) give the reference's ids, alone or
+    batched, whichever way the detours are put into the chain."""
+    monkeypatch.setattr(tokenization_i3, "MANY_DETOURS", many_detours)
     chunks = ["".join(chunk) for size in (1, 2, 3) for chunk in product("ab ", repeat=size)]  # every one of a, b, space
     vocab = write_vocab(tmp_path / "vocab.json", chunks)
     tokenizer = I3Tokenizer(str(tmp_path / "vocab.json"))
@@ -212,8 +217,8 @@ def test_round_trip_is_lossless(root, text):
 @settings(max_examples=1000, deadline=None)
 @given(TEXTS)
 def test_lossless_ids_follow_the_rule(root, text):
-    """Default-mode ids are the rule with prefix fallback and UTF-8 byte tokens for unknown characters (special tokens
-    written in a text are chunked too here, as the rule knows none)."""
+    """Default-mode ids are the reference's, with UTF-8 byte tokens for unknown characters (special tokens written
+    in a text are chunked too here, as the reference knows none)."""
     assert root(text, split_special_tokens=True)["input_ids"] == lossless_ids(text)
 
 
@@ -321,6 +326,41 @@ def test_batch_truncation(root):
         assert root(BATCH, truncation=True, max_length=2)["input_ids"] == [ids[-2:] for ids in expected]
     finally:
         root.truncation_side = "right"
+
+
+class GenericI3Tokenizer(I3Tokenizer):
+    """I3Tokenizer without its batched route: transformers' Python backend encodes each text through `_tokenize`."""
+
+    _encode_plus = PreTrainedTokenizer._encode_plus
+
+
+CALL_OPTIONS = [
+    {}, {"padding": True}, {"padding": True, "padding_side": "right", "pad_to_multiple_of": 4},
+    {"padding": "max_length", "max_length": 6}, {"truncation": True, "max_length": 2},
+    {"truncation": True, "max_length": 3, "padding": "max_length"}, {"max_length": 2},
+    {"return_length": True}, {"return_length": True, "padding": True}, {"return_attention_mask": False},
+    {"return_token_type_ids": True, "return_special_tokens_mask": True}, {"add_special_tokens": False},
+    {"return_tensors": "pt", "padding": True}, {"return_tensors": "np", "truncation": True, "max_length": 1, "padding": True},
+]  # fmt: skip
+
+
+def as_lists(value):
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+@pytest.mark.parametrize("pattern", [None, "bos_eos"])
+@pytest.mark.parametrize("options", CALL_OPTIONS, ids=map(str, CALL_OPTIONS))
+def test_batched_route_is_transformers_route(options, pattern):
+    """Every truncation, padding and output option gives what the Python backend gives text by text, for batches
+    and single texts, also when special tokens are added (`special_tokens_pattern`)."""
+    vocab, kwargs = str(REPO_ROOT / "vocab.json"), {"special_tokens_pattern": pattern} if pattern else {}
+    fast, generic = I3Tokenizer(vocab, **kwargs), GenericI3Tokenizer(vocab, **kwargs)
+    for text in [[*BATCH, "Hi<eos> there", "naïve 😀"], "The end.", ""]:
+        expected, encoded = generic(text, **options), fast(text, **options)
+        assert encoded.keys() == expected.keys()
+        for key in expected:
+            assert type(encoded[key]) is type(expected[key])
+            assert as_lists(encoded[key]) == as_lists(expected[key])
 
 
 # --- loading through AutoTokenizer in a fresh interpreter ---
