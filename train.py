@@ -4,11 +4,13 @@
     accelerate launch train.py                                        # CPU, ~5 min: a small i3 on Jane Austen
     accelerate launch --mixed_precision bf16 train.py --config recipes/i3-80m.yaml           # one GPU
     accelerate launch --multi_gpu --num_processes 8 train.py --config recipes/i3-80m.yaml    # 8 GPUs
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml train.py --config recipes/i3-200m.yaml  # sharded
     accelerate launch train.py --config recipes/i3-80m.yaml --resume_from_checkpoint latest  # continue a killed run
 
 Without data arguments it trains on five Jane Austen novels (data/austen) and holds Persuasion out. Every document
 ends with the end-of-text token and documents are packed into `--block_size` blocks; the tokenizer is built from the
 training split only. Two CPU processes: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`.
+Install first with `pip install -e .` (the repo as the package `i3`, which this script imports).
 
 `--output_dir` receives model.safetensors, config.json with the code files (auto_map), the tokenizer,
 generation_config.json, README.md (a model card filled in from the run), loss.png, all_results.json, and
