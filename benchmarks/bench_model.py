@@ -7,8 +7,9 @@ Parts:
   scan    the i3 selective scan, chunked vs a per-step loop, forward + backward, batch 4 x 1,024 tokens
   train   training-step tokens/s (forward, backward, AdamW) of the root config.json vs a transformers
           LlamaForCausalLM of the same width, depth, heads and vocabulary, with its MLP sized to a comparable
-          parameter count; batch 4 x 256, float32 and bf16 autocast
-  decode  greedy decoding tokens/s and cache bytes after prompts of 256, 1,024 and 4,096 tokens, batch 1
+          parameter count; batch 4 x 256 and 2 x 2,048, float32 and bf16 autocast; then the same at 4 x 256 for
+          the default Austen preset (configs/i3-austen) and its own matching Llama
+  decode  greedy decoding tokens/s and cache bytes after prompts of 256, 1,024 and 4,096 tokens, batch 1 and 8
 
 Timings alternate between the two models and report medians, so background load hits both alike; compare the
 ratios, not the absolute numbers.
@@ -100,10 +101,11 @@ def bench_scan(config: I3Config, repeats: int):
     print(f"| chunked ({config.chunk_size}) | {seconds['chunked']:.3f} | {seconds['loop'] / seconds['chunked']:.1f}x |")
 
 
-def bench_train(models: dict, repeats: int, batch: int = 4, seq_len: int = 256):
+def bench_train(models: dict, repeats: int, batch: int, seq_len: int, title: str):
     """Training-step throughput: forward, backward and an AdamW step, in float32 and under bf16 autocast."""
-    ids = torch.randint(4, 32000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    print(f"\n### Training step, batch {batch} x {seq_len} tokens (tokens/s, higher is better)\n")
+    vocab = min(model.config.vocab_size for model in models.values())
+    ids = torch.randint(4, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    print(f"\n### Training step, {title}, batch {batch} x {seq_len:,} tokens (tokens/s, higher is better)\n")
     print("| precision | i3 | Llama | i3 / Llama |\n|---|---|---|---|")
     for precision in ("fp32", "bf16"):
         timers = {}
@@ -148,17 +150,17 @@ def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, memory
 
 
-def bench_decode(models: dict, repeats: int, new_tokens: int = 32):
-    print(f"\n### Greedy decoding after a prompt, batch 1, {new_tokens} new tokens, float32\n")
+def bench_decode(models: dict, repeats: int, batch: int, new_tokens: int = 32):
+    print(f"\n### Greedy decoding after a prompt, batch {batch}, {new_tokens} new tokens, float32\n")
     print("| prompt | i3 tokens/s | Llama tokens/s | speed i3 / Llama | i3 cache | Llama cache | memory i3 / Llama |")
     print("|---|---|---|---|---|---|---|")
     for prompt_len in (256, 1024, 4096):
-        prompt = torch.randint(4, 32000, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        prompt = torch.randint(4, 32000, (batch, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
         results = {name: [] for name in models}
         for _ in range(repeats):
             for name, model in models.items():
                 results[name].append(decode(model.eval(), prompt, new_tokens))
-        rate = {name: new_tokens / statistics.median(s for s, _ in runs) for name, runs in results.items()}
+        rate = {name: batch * new_tokens / statistics.median(s for s, _ in runs) for name, runs in results.items()}
         memory = {name: runs[0][1] for name, runs in results.items()}
         print(f"| {prompt_len:,} | {rate['i3']:.1f} | {rate['Llama']:.1f} | {rate['i3'] / rate['Llama']:.2f}x "
               f"| {memory['i3'] / 2**20:.1f} MiB | {memory['Llama'] / 2**20:.1f} MiB "
@@ -186,9 +188,15 @@ def main():
     if args.only in (None, "scan"):
         bench_scan(config, args.repeats)
     if args.only in (None, "train"):
-        bench_train(models, args.repeats)
+        bench_train(models, args.repeats, 4, 256, "root config")
+        bench_train(models, args.repeats, 2, 2048, "root config")
+        austen = I3ForCausalLM(I3Config.from_pretrained(REPO_ROOT / "configs" / "i3-austen"))
+        austen_llama = matching_llama(austen.config, count_parameters(austen))
+        print(f"\nAusten preset: i3 {count_parameters(austen):,} parameters, Llama {count_parameters(austen_llama):,}")
+        bench_train({"i3": austen, "Llama": austen_llama}, args.repeats, 4, 256, "Austen preset")
     if args.only in (None, "decode"):
-        bench_decode(models, args.repeats)
+        for batch in (1, 8):
+            bench_decode(models, args.repeats, batch)
 
 
 if __name__ == "__main__":
