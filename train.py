@@ -458,8 +458,8 @@ def build_optimizer(model: nn.Module, decayed: set[str], args, num_processes: in
     return optimizer, scheduler
 
 
-def prepare_model_and_optimizer(model: nn.Module, accelerator: Accelerator, build_optimizer):
-    """The model wrapped for the engine (DDP, FSDP, DeepSpeed), its optimizer and schedule; `build_optimizer(model,
+def prepare_model_and_optimizer(model: nn.Module, accelerator: Accelerator, make_optimizer):
+    """The model wrapped for the engine (DDP, FSDP, DeepSpeed), its optimizer and schedule; `make_optimizer(model,
     decayed_names)` makes the last two.
 
     FSDP2 and DeepSpeed take the optimizer with the model and map its groups onto the sharded parameters. FSDP1 swaps
@@ -471,9 +471,9 @@ def prepare_model_and_optimizer(model: nn.Module, accelerator: Accelerator, buil
             fail("FSDP1 needs fsdp_use_orig_params: true in the accelerate config to keep weight decay off norms and "
                  "biases (see configs/accelerate/fsdp1.yaml), or use FSDP2 (fsdp_version: 2)")
         model = accelerator.prepare(model)
-        optimizer, scheduler = accelerator.prepare(*build_optimizer(model, decayed))
+        optimizer, scheduler = accelerator.prepare(*make_optimizer(model, decayed))
         return model, optimizer, scheduler
-    return accelerator.prepare(model, *build_optimizer(model, decayed))
+    return accelerator.prepare(model, *make_optimizer(model, decayed))
 
 
 def parameters_are_sharded(accelerator: Accelerator) -> bool:
