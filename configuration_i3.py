@@ -24,10 +24,11 @@ class I3Config(PreTrainedConfig):
     width 512, 10 recurrent then 6 attention layers, 16 heads, state size 32, vocabulary 35,560.
 
     Shared:
-        vocab_size, hidden_size, intermediate_size (feed-forward width), num_hidden_layers, layer_types (one of
-        `"linear_attention"` / `"full_attention"` per layer, bottom to top; derived as 5/8 recurrent then attention
-        when omitted), layer_norm_eps, hidden_act, mlp_bias, lm_head_bias, tie_word_embeddings, initializer_range,
-        low_rank (rank of factorised linear layers, SPEC 2.6; `None` for ordinary ones).
+        vocab_size, hidden_size, intermediate_size (feed-forward width), gated_mlp (a gated feed-forward,
+        `down(act(gate(x)) * up(x))`; 2/3 of the plain width gives equal parameters), num_hidden_layers, layer_types
+        (one of `"linear_attention"` / `"full_attention"` per layer, bottom to top; derived as 5/8 recurrent then
+        attention when omitted), layer_norm_eps, hidden_act, mlp_bias, lm_head_bias, tie_word_embeddings,
+        initializer_range, low_rank (rank of factorised linear layers, SPEC 2.6; `None` for ordinary ones).
     Positions:
         position_embedding_type (`"rope"` in attention layers, or `"learned"` absolute embeddings added at the input
         as the published checkpoints do), max_position_embeddings (a hard cap only for `"learned"`), rope_parameters.
@@ -52,6 +53,7 @@ class I3Config(PreTrainedConfig):
     layer_types: list[str] | None = None
     layer_norm_eps: float = 1e-5
     hidden_act: str = "gelu"
+    gated_mlp: bool = False
     mlp_bias: bool = False
     lm_head_bias: bool = False
     tie_word_embeddings: bool = False

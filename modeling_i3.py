@@ -17,6 +17,8 @@ Index letters in the scans: b batch, t time, h heads, p head size, n state size,
 c chunk, l and s positions inside a chunk (l the output, s the source).
 """
 
+import functools
+import importlib
 import math
 from collections.abc import Callable
 
@@ -152,17 +154,22 @@ def apply_rotary_pos_emb(q, k, cos, sin):
 
 
 class I3MLP(nn.Module):
-    """The feed-forward of attention layers and of `i3` / `open-i3` recurrent layers: `down(act(up(x)))`."""
+    """The feed-forward of attention layers and of `i3` / `open-i3` recurrent layers: `down(act(up(x)))`, or with
+    `gated_mlp` `down(act(gate(x)) * up(x))` (SwiGLU with `hidden_act="silu"`, as in Llama)."""
 
     def __init__(self, config: I3Config):
         super().__init__()
+        self.gate_proj = (make_linear(config, config.hidden_size, config.intermediate_size, config.mlp_bias)
+                          if config.gated_mlp else None)
         self.up_proj = make_linear(config, config.hidden_size, config.intermediate_size, config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
         self.down_proj = make_linear(config, config.intermediate_size, config.hidden_size, config.mlp_bias)
 
     def forward(self, hidden_states: torch.Tensor, **token_mixing_inputs) -> torch.Tensor:
         """`token_mixing_inputs` (mask, cache) are for the RWKV channel-mix that can stand in this place."""
-        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
 # --- cache and padding helpers shared by the recurrent mixers ---
@@ -290,6 +297,45 @@ def refuse_packing(starts: torch.Tensor | None, mixer: str):
         )
 
 
+# --- optional CUDA kernels ---
+#
+# On CUDA, flash-linear-attention's `chunk_simple_gla` computes the i3 SSM (one scalar decay per head and step) and
+# causal-conv1d the causal depthwise conv. Both are optional and looked up by name on the first call from a CUDA tensor:
+# remote code is copied flat into the Hub cache, and transformers refuses a model file whose plain imports are missing.
+# Wherever a kernel is not installed or the tensors are elsewhere, the pure-torch path below runs.
+
+KERNEL_DEVICES = ("cuda",)  # device types the optional kernels run on
+CONV_KERNEL = ("causal_conv1d", "causal_conv1d_fn")
+SSM_KERNEL = ("fla.ops.simple_gla", "chunk_simple_gla")
+
+
+@functools.cache
+def installed(module: str, name: str) -> Callable | None:
+    """`module.name` if that package is installed and imports, else None (looked up once)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 -- not installed, or installed without what it needs (triton, a CUDA build)
+        return None
+
+
+def optional_kernel(tensor: torch.Tensor, kernel: tuple[str, str]) -> Callable | None:
+    """The optional `kernel` (module, name) for `tensor`: installed and on a device it runs on, else None."""
+    return installed(*kernel) if tensor.device.type in KERNEL_DEVICES else None
+
+
+def causal_depthwise_conv(sequence: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """The depthwise `conv` over a `with_history` sequence, (b, d, K - 1 + t) -> (b, d, t): causal-conv1d where it
+    runs, one dot product per channel for a single step (decoding: far cheaper than a conv call), else the conv."""
+    width = conv.kernel_size[0]
+    kernel = optional_kernel(sequence, CONV_KERNEL)
+    if kernel is not None:  # it pads K - 1 zeros on the left itself: drop the outputs that would read them
+        weight, bias = conv.weight[:, 0].to(sequence.dtype), conv.bias.to(sequence.dtype)
+        return kernel(sequence.contiguous(), weight, bias)[..., width - 1 :]
+    if sequence.shape[-1] == width:
+        return (sequence * conv.weight[:, 0]).sum(-1, keepdim=True) + conv.bias[:, None]
+    return conv(sequence)
+
+
 # --- scan helpers shared by the chunked scans ---
 
 
@@ -371,6 +417,20 @@ def i3_scan_chunked(u, dt, log_a, B, C, D, *, chunk_size, initial_state=None):
     return y.to(u.dtype), final_state
 
 
+def i3_scan_kernel(kernel, u, dt, log_a, B, C, D, *, initial_state=None):
+    """`i3_scan_chunked` by flash-linear-attention's `chunk_simple_gla`, which computes, per head,
+    S_t = exp(g_t) S_{t-1} + k_t (outer) v_t and o_t = scale * q_t S_t with S: (n, p), the transpose of i3's state:
+    so q = C, k = B (shared by the heads), v = dt u, g = log_a, scale 1, and y = o + D u."""
+    batch, seq_len, num_heads, _ = u.shape
+    heads = (batch, seq_len, num_heads, B.shape[-1])
+    y, final_state = kernel(
+        q=C.float()[:, :, None].expand(heads), k=B.float()[:, :, None].expand(heads), v=(u * dt[..., None]).float(),
+        g=log_a.float(), scale=1.0, output_final_state=True,
+        initial_state=None if initial_state is None else initial_state.float().transpose(-1, -2).contiguous(),
+    )
+    return (y + D[:, None] * u.float()).to(u.dtype), final_state.transpose(-1, -2)
+
+
 def i3_scan_step(u, dt, log_a, B, C, D, *, initial_state):
     """Single-step evaluation of the i3 SSM (decoding): the same as `i3_scan_chunked` with t = 1."""
     u1, dt1, log_a1, B1, C1 = (v[:, 0].float() for v in (u, dt, log_a, B, C))
@@ -435,7 +495,7 @@ class I3RecurrentMixer(nn.Module):
         if document_starts is not None:
             u = conv_within_documents(u, self.conv1d, document_starts)
         else:
-            u = restore_order(self.conv1d(u), order, self.conv_kernel - 1)
+            u = restore_order(causal_depthwise_conv(u, self.conv1d), order, self.conv_kernel - 1)
         u = zero_padding(F.silu(u.transpose(1, 2)), attention_mask)
 
         # 4. selective SSM; a padded step gets dt = 0, so it neither decays nor feeds the state
@@ -446,8 +506,11 @@ class I3RecurrentMixer(nn.Module):
             log_a = log_a.masked_fill(document_starts[..., None], FORGET)
         u_heads = u.reshape(batch, seq_len, self.num_heads, self.head_dim)
         with without_autocast(u):
+            kernel = optional_kernel(u, SSM_KERNEL) if document_starts is None else None  # FORGET needs exact sums
             if ssm_state is not None and seq_len == 1:
                 y, ssm_state = i3_scan_step(u_heads, dt, log_a, B, C, self.D, initial_state=ssm_state)
+            elif kernel is not None:
+                y, ssm_state = i3_scan_kernel(kernel, u_heads, dt, log_a, B, C, self.D, initial_state=ssm_state)
             else:
                 y, ssm_state = i3_scan_chunked(
                     u_heads, dt, log_a, B, C, self.D, chunk_size=self.chunk_size, initial_state=ssm_state

@@ -244,3 +244,21 @@ def test_transformers_outside_the_tested_range_warns_with_the_range(monkeypatch,
     if warns:
         oldest, newest = configuration_i3.TESTED_TRANSFORMERS
         assert oldest in messages[0] and newest in messages[0] and version in messages[0]
+
+
+def test_gated_feed_forward_is_llamas_swiglu():
+    """`gated_mlp` with SiLU is transformers' LlamaMLP, weight for weight; at 2/3 of the plain width it has the plain
+    feed-forward's parameters."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from i3.modeling_i3 import I3MLP
+
+    config = tiny_config(gated_mlp=True, hidden_act="silu", intermediate_size=48)
+    ours = I3MLP(config)
+    llama = LlamaMLP(LlamaConfig(hidden_size=config.hidden_size, intermediate_size=48, hidden_act="silu"))
+    llama.load_state_dict(ours.state_dict())
+    hidden = torch.randn(2, 5, config.hidden_size)
+    torch.testing.assert_close(ours(hidden), llama(hidden))
+    plain = I3MLP(tiny_config(intermediate_size=72))
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in ours.parameters())
