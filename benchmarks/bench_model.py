@@ -9,7 +9,8 @@ Parts:
           LlamaForCausalLM of the same width, depth, heads and vocabulary, with its MLP sized to a comparable
           parameter count; batch 4 x 256 and 2 x 2,048, float32 and bf16 autocast; then the same at 4 x 256 for
           the default Austen preset (configs/i3-austen) and its own matching Llama
-  decode  greedy decoding tokens/s and cache bytes after prompts of 256, 1,024 and 4,096 tokens, batch 1 and 8
+  decode  greedy decoding tokens/s and cache bytes after prompts of 256, 1,024 and 4,096 tokens, batch 1 and 8;
+          then the per-token overhead of a decode step (the same layout at width 64, where arithmetic is negligible)
 
 Timings alternate between the two models and report medians, so background load hits both alike; compare the
 ratios, not the absolute numbers.
@@ -167,6 +168,23 @@ def bench_decode(models: dict, repeats: int, batch: int, new_tokens: int = 32):
               f"| {memory['i3'] / memory['Llama']:.2f}x |")
 
 
+def bench_overhead(config: I3Config, repeats: int, new_tokens: int = 64):
+    """Per-token cost of a decode step when the arithmetic is negligible: the root layout (same depth and layer types)
+    at width 64 and vocabulary 512, batch 1. What is left is framework and Python time per token."""
+    small = I3Config.from_dict({**config.to_dict(), "hidden_size": 64, "intermediate_size": 256, "vocab_size": 512,
+                                "num_attention_heads": 4, "recurrent_num_heads": 4})
+    i3 = I3ForCausalLM(small).eval()
+    models = {"i3": i3, "Llama": matching_llama(small, count_parameters(i3)).eval()}
+    prompt = torch.randint(4, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    seconds = alternate({name: lambda model=model: decode(model, prompt, new_tokens)[0] for name, model in
+                         models.items()}, repeats)
+    per_token = {name: 1e3 * s / new_tokens for name, s in seconds.items()}
+    print(f"\n### Per-token overhead of a decode step: the root layout ({small.num_hidden_layers} layers) at width 64, "
+          f"batch 1 (ms per token, lower is better)\n")
+    print("| i3 | Llama | i3 / Llama |\n|---|---|---|")
+    print(f"| {per_token['i3']:.2f} | {per_token['Llama']:.2f} | {per_token['i3'] / per_token['Llama']:.2f}x |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["scan", "train", "decode"], help="run one part only")
@@ -197,6 +215,7 @@ def main():
     if args.only in (None, "decode"):
         for batch in (1, 8):
             bench_decode(models, args.repeats, batch)
+        bench_overhead(config, args.repeats)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,22 @@ def tiny_model(seed: int = 0, **overrides):
     return I3ForCausalLM(tiny_config(**overrides)).eval()
 
 
+def with_live_states(model):
+    """`model` with its `i3` SSM states carrying weight. At the default init dt is small and u, B, C are near zero,
+    so a state is ~1e-7 and a wrong one hides behind the `D u` skip; here the state matters as much as the input."""
+    from i3.modeling_i3 import I3RecurrentMixer
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, I3RecurrentMixer):
+                module.in_proj.weight.normal_(0, 0.5)
+                module.x_proj.weight.normal_(0, 0.5)
+                module.dt_bias.zero_()
+                module.A_log.zero_()
+                module.D.fill_(0.1)
+    return model
+
+
 @pytest.fixture
 def model():
     return tiny_model()

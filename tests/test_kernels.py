@@ -13,7 +13,7 @@ import torch
 
 import i3.modeling_i3 as modeling
 
-from conftest import tiny_model
+from conftest import tiny_model, with_live_states
 
 
 def simple_gla_loop(q, k, v, g, scale=None, initial_state=None, output_final_state=False, **unused):
@@ -59,21 +59,6 @@ def stand_ins(monkeypatch):
     modeling.installed.cache_clear()
 
 
-def live_state_model():
-    """A tiny i3 whose SSM states carry weight: at the default init dt is small and u, B, C are near zero, so the state
-    is ~1e-7 and a wrong state would go unnoticed behind the D u skip."""
-    model = tiny_model(conv_kernel=3)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, modeling.I3RecurrentMixer):
-                module.in_proj.weight.normal_(0, 0.5)
-                module.x_proj.weight.normal_(0, 0.5)
-                module.dt_bias.zero_()
-                module.A_log.zero_()
-                module.D.fill_(0.1)
-    return model
-
-
 def forward_and_decode(model, ids, attention_mask=None):
     """Logits of a prefill with a cache, of three decoded steps after it, and the gradients of a training loss."""
     model.zero_grad()
@@ -94,7 +79,7 @@ def forward_and_decode(model, ids, attention_mask=None):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_model_through_the_kernels_equals_the_pure_path(stand_ins, monkeypatch, padded):
-    model = live_state_model()
+    model = with_live_states(tiny_model(conv_kernel=3))
     ids = torch.randint(4, 99, (2, 11), generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[0, 0, 0] + [1] * 8, [1] * 11]) if padded else None
     expected_logits, expected_grads = forward_and_decode(model, ids, mask)

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from i3.configuration_i3 import I3Config
 from i3.modeling_i3 import I3ForCausalLM
 
-from conftest import REPO_ROOT, hub_cache_snapshot, load_in_fresh_process, tiny_config, tiny_model
+from conftest import REPO_ROOT, hub_cache_snapshot, load_in_fresh_process, tiny_config, tiny_model, with_live_states
 
 POSITION_TYPES = ["rope", "learned"]
 MIXERS = ["i3", "open-i3", "rwkv4"]
@@ -24,7 +24,8 @@ def random_ids(batch, length, seed=0, vocab=99):
 @pytest.mark.parametrize("recurrent_mixer", MIXERS)
 def test_full_forward_equals_token_by_token(recurrent_mixer, position_embedding_type):
     """Logits of one pass over 13 tokens equal feeding a 5-token prefill then single tokens through the cache."""
-    model = tiny_model(recurrent_mixer=recurrent_mixer, position_embedding_type=position_embedding_type)
+    model = with_live_states(tiny_model(recurrent_mixer=recurrent_mixer,
+                                        position_embedding_type=position_embedding_type))
     ids = random_ids(2, 13)
     with torch.no_grad():
         expected = model(ids).logits
@@ -38,7 +39,7 @@ def test_full_forward_equals_token_by_token(recurrent_mixer, position_embedding_
 @pytest.mark.parametrize("recurrent_mixer", MIXERS)
 def test_prefill_in_several_chunks_equals_one_pass(recurrent_mixer):
     """Continuing a multi-token forward from the cache (chunked prefill) gives the same logits as one pass."""
-    model = tiny_model(recurrent_mixer=recurrent_mixer)
+    model = with_live_states(tiny_model(recurrent_mixer=recurrent_mixer))
     ids = random_ids(2, 19)
     with torch.no_grad():
         expected = model(ids).logits
