@@ -72,7 +72,7 @@ class I3Config(PreTrainedConfig):
     recurrent_num_heads: int = 16
     expand: int = 1
     state_size: int = 32
-    conv_kernel: int = 4
+    conv_kernel: int = 2
     chunk_size: int = 32
     time_step_min: float = 1e-3
     time_step_max: float = 1e-1

@@ -180,7 +180,7 @@ def test_root_config_is_the_i3_80m_layout():
     config = AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True)
     assert config.model_type == "i3" and config.recurrent_mixer == "i3"
     assert config.layer_types == ["linear_attention"] * 10 + ["full_attention"] * 6
-    assert (config.hidden_size, config.num_attention_heads, config.state_size, config.conv_kernel) == (512, 16, 32, 4)
+    assert (config.hidden_size, config.num_attention_heads, config.state_size, config.conv_kernel) == (512, 16, 32, 2)
     assert config.vocab_size == 35560 and config.position_embedding_type == "rope"
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
     assert type(model).__name__ == "I3ForCausalLM"
