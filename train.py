@@ -443,13 +443,16 @@ def unwrapped_name(name: str) -> str:
     return name.removeprefix("module.")
 
 
+def parameter_groups(model: nn.Module, decayed: set[str], weight_decay: float) -> list[dict]:
+    """The optimizer's two groups: the `decayed` parameter names with `weight_decay`, every other parameter without."""
+    parameters = [(unwrapped_name(name), parameter) for name, parameter in model.named_parameters()]
+    return [{"params": [p for name, p in parameters if name in decayed], "weight_decay": weight_decay},
+            {"params": [p for name, p in parameters if name not in decayed], "weight_decay": 0.0}]
+
+
 def build_optimizer(model: nn.Module, decayed: set[str], args, num_processes: int):
     """AdamW with weight decay on the `decayed` parameter names only, and the learning-rate schedule."""
-    parameters = [(unwrapped_name(name), parameter) for name, parameter in model.named_parameters()]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for name, p in parameters if name in decayed], "weight_decay": args.weight_decay},
-         {"params": [p for name, p in parameters if name not in decayed], "weight_decay": 0.0}],
-        lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(model, decayed, args.weight_decay), lr=args.learning_rate)
     # Accelerate steps a prepared scheduler once per process at every optimizer step, hence the factor
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * num_processes,

@@ -45,6 +45,7 @@ from i3.train import (
     evaluation_windows,
     group_texts,
     load_corpus,
+    parameter_groups,
     parse_args,
 )
 
@@ -52,8 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import count_parameters, matching_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENS_PER_STEP = 2048
-PEAK_LR, MIN_LR_RATE, WARMUP_FRACTION, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-3, 0.1, 0.075, 0.1, 1.0
+RECIPE = parse_args([])  # train.py's defaults: the recipe every run follows, its schedule put on CPU time
+TOKENS_PER_STEP = RECIPE.per_device_train_batch_size * RECIPE.block_size
+WARMUP_FRACTION = RECIPE.num_warmup_steps / RECIPE.max_train_steps
 
 ALL_RECURRENT = ["linear_attention"] * 6
 COMPARISON = {  # name -> what is trained: an i3 preset change, or the Llama matched to the preset
@@ -117,10 +119,9 @@ def first_bytes(documents: list[str], limit: int) -> list[str]:
 def prepare_data(blocks: list[int], eval_bytes: int):
     """The tokenizer, the training blocks at each block size, and the held-out windows and their UTF-8 bytes (the
     first `eval_bytes` of each held-out text)."""
-    args = parse_args([])
-    train_documents, held_out = load_corpus(data_sources(args), streaming=False, render_chat=None, seed=0,
+    train_documents, held_out = load_corpus(data_sources(RECIPE), streaming=False, render_chat=None, seed=0,
                                             max_eval_documents=None)
-    tokenizer = build_tokenizer(args.tokenizer_type, train_documents, args.vocab_size)
+    tokenizer = build_tokenizer(RECIPE.tokenizer_type, train_documents, RECIPE.vocab_size)
     ids = encode_documents(tokenizer, list(train_documents["text"]))
     training = {size: torch.tensor(group_texts({"input_ids": ids}, size)["input_ids"]) for size in blocks}
     texts = {"Persuasion": [row["text"] for documents in held_out for row in documents], **out_of_domain_texts()}
@@ -159,9 +160,9 @@ def build(spec: dict, tokenizer):
 def learning_rate(progress: float) -> float:
     """train.py's warm-up + cosine-to-min schedule as a function of the fraction of the budget spent."""
     if progress < WARMUP_FRACTION:
-        return PEAK_LR * progress / WARMUP_FRACTION
+        return RECIPE.learning_rate * progress / WARMUP_FRACTION
     cosine = 0.5 * (1 + math.cos(math.pi * (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION)))
-    return PEAK_LR * (MIN_LR_RATE + (1 - MIN_LR_RATE) * cosine)
+    return RECIPE.learning_rate * (RECIPE.min_lr_rate + (1 - RECIPE.min_lr_rate) * cosine)
 
 
 def run(job: dict, tokenizer, blocks: torch.Tensor, held_out: dict, threads: int) -> dict:
@@ -170,11 +171,7 @@ def run(job: dict, tokenizer, blocks: torch.Tensor, held_out: dict, threads: int
     torch.manual_seed(job["seed"])
     model = build(job["spec"], tokenizer)
     model.train()
-    decayed = decayed_parameter_names(model)
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for name, p in trained if name in decayed], "weight_decay": WEIGHT_DECAY},
-         {"params": [p for name, p in trained if name not in decayed], "weight_decay": 0.0}], lr=0.0)
+    optimizer = torch.optim.AdamW(parameter_groups(model, decayed_parameter_names(model), RECIPE.weight_decay))
     batch_size = TOKENS_PER_STEP // blocks.shape[1]
     order = torch.Generator().manual_seed(job["seed"])
     queue, steps, losses = torch.empty(0, dtype=torch.long), 0, []
@@ -187,7 +184,7 @@ def run(job: dict, tokenizer, blocks: torch.Tensor, held_out: dict, threads: int
             group["lr"] = learning_rate(spent / job["budget"])
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
