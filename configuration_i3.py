@@ -10,9 +10,10 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 # The transformers releases i3 is tested on (CI runs the oldest and the newest); keep in step with requirements.txt.
-TESTED_TRANSFORMERS = ("5.23.0", "5.24")
+TESTED_TRANSFORMERS = ("5.24.0", "5.25")
 
 RECURRENT_MIXERS = ("i3", "open-i3", "rwkv4")
+HIDDEN_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")
 LAYER_TYPES = ("linear_attention", "full_attention")
 POSITION_EMBEDDING_TYPES = ("rope", "learned")
 
@@ -99,9 +100,8 @@ class I3Config(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def number_of_conv_states(self) -> int:
-        """States each recurrent layer keeps in the cache (read by `DynamicCache`): see the mixers' `STATE_*`."""
-        return 1 if self.recurrent_mixer == "open-i3" else 2
+    def has_attention(self) -> bool:
+        return "full_attention" in self.layer_types
 
     def validate_architecture(self):
         """Raise a `ValueError` naming the field for every value the model cannot be built from."""
@@ -122,6 +122,8 @@ class I3Config(PreTrainedConfig):
             )
         if self.recurrent_mixer not in RECURRENT_MIXERS:
             raise ValueError(f"`recurrent_mixer` must be one of {RECURRENT_MIXERS}, got {self.recurrent_mixer!r}.")
+        if self.hidden_act not in HIDDEN_ACTIVATIONS:
+            raise ValueError(f"`hidden_act` must be one of {HIDDEN_ACTIVATIONS}, got {self.hidden_act!r}.")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, "

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -36,50 +35,184 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_i3 import I3Config
 
-# --- the cache's name, which transformers changed in 5.24 ---
+# --- the cache: i3 owns its recurrent states and its token count ---
 #
-# transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
-# `past_key_values` to `cache`; `generate` passes and reads the new name there, the old one before. i3's forwards
-# accept both names and return the cache under the installed version's name, so every version finds it.
-CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# transformers rebuilds its recurrent cache layers from one release to the next (5.25 changed which layer reports the
+# cached length, and counts tokens by the width of the conv states it is handed). i3 keeps what it must own here: each
+# recurrent layer's states in `RecurrentStates`, and the number of cached tokens in `I3Cache`, from which positions and
+# masks follow. Attention keys and values stay in transformers' public `DynamicLayer` / `StaticLayer`.
 
 
-def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache, passed as `cache` (transformers >= 5.24) or as `past_key_values` (its earlier name)."""
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
-    return past_key_values if cache is None else cache
+class RecurrentStates:
+    """One recurrent layer's states, by the names its mixer gives them (the `i3` mixer's "shift", "conv" and "ssm",
+    say). A missing state means the sequence has not started: the mixer starts from zeros.
+
+    Rolling back (assisted generation and prompt lookup reject draft tokens): while recording, every update also keeps
+    the state after each token, so `roll_back(n)` can restore the state from n tokens ago."""
+
+    is_sliding = False
+    is_compileable = False
+    supports_early_init = False
+    is_initialized = True
+
+    def __init__(self):
+        self.states: dict[str, torch.Tensor] = {}
+        self.history: dict[str, list[torch.Tensor | None]] | None = None  # per name, oldest first; None: not recording
+        self.tokens_to_keep: int | None = None
+
+    @property
+    def recording(self) -> bool:
+        return self.history is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.recording
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.states.get(name)
+
+    def update(self, name: str, state: torch.Tensor, per_token: torch.Tensor | None = None):
+        """Keep `state`, the state after the last token; while recording, `per_token` (t, ...) holds the state after
+        each token of this forward (its last entry is `state`)."""
+        if self.recording:
+            if per_token is None:
+                raise RuntimeError(f"recording recurrent state {name!r} needs the state after every token")
+            history = self.history.setdefault(name, [self.states.get(name)])
+            history.extend(per_token.unbind(0))
+            if self.tokens_to_keep is not None:
+                del history[: -self.tokens_to_keep - 1]
+        self.states[name] = state
+
+    def start_recording(self, tokens_to_keep: int | None):
+        self.history = {name: [state] for name, state in self.states.items()}
+        self.tokens_to_keep = tokens_to_keep
+
+    def roll_back(self, tokens: int):
+        """Restore every state to what it was `tokens` tokens ago, then record afresh from there."""
+        if tokens and not self.recording:
+            raise ValueError("Recurrent states roll back only while recording: call `cache.activate_past_recording()` "
+                             "before the tokens that may be removed.")
+        for name, history in (self.history or {}).items():
+            if tokens >= len(history):
+                raise ValueError(f"Cannot roll back {tokens} tokens: the recurrent states recorded {len(history) - 1}.")
+            state = history[-1 - tokens]
+            if state is None:
+                self.states.pop(name, None)
+            else:
+                self.states[name] = state
+            self.history[name] = [state]
+
+    def map_states(self, function):
+        """Apply `function` to every state (batch reordering, repetition, selection)."""
+        self.states = {name: function(state) for name, state in self.states.items()}
+        if self.recording:
+            self.history = {name: [None if s is None else function(s) for s in history]
+                            for name, history in self.history.items()}
+
+    def reset(self):
+        self.states = {}
+        if self.recording:
+            self.history = {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.map_states(lambda state: state.index_select(0, beam_idx.to(state.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self.map_states(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self.map_states(lambda state: state[indices])
+
+    def get_max_length(self) -> int:
+        return -1
 
 
-class TokenCountingCache(DynamicCache):
-    """A `DynamicCache` that counts the tokens it has seen, for layouts without attention layers.
+def check_cache(cache: Cache | None):
+    """Only an `I3Cache` knows where i3's recurrent states and token count live: refuse any other cache clearly."""
+    if cache is not None and not isinstance(cache, I3Cache):
+        raise TypeError(
+            f"i3 models keep their recurrent states in an `I3Cache`, not a {type(cache).__name__}: pass "
+            "`cache=I3Cache(model.config)` (from this model's modeling_i3 module), or `use_cache=True` and reuse the "
+            "returned `outputs.cache`."
+        )
 
-    transformers reads the cached length from an attention layer's keys (`generate` and learned positions need it), so
-    a cache of recurrent layers alone has none; the model adds each forward's length here instead."""
 
-    def __init__(self, config: I3Config):
-        super().__init__(config=config)
-        self.seen_tokens = 0
+class I3Cache(Cache):
+    """The cache of an i3 model: transformers' key/value layers for attention (`DynamicLayer`, or `StaticLayer` when
+    `max_cache_len` is given), `RecurrentStates` for recurrent layers, and the number of tokens seen.
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    `generate` and `use_cache=True` create one; pass one yourself as `cache=I3Cache(model.config)`."""
+
+    def __init__(self, config: I3Config, max_cache_len: int | None = None):
+        def layer_cache(layer_type: str):
+            if layer_type != "full_attention":
+                return RecurrentStates()
+            return DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len=max_cache_len)
+
+        super().__init__(layers=[layer_cache(layer_type) for layer_type in config.layer_types])
+        self.max_cache_len = max_cache_len
+        self.seen_tokens = 0  # added by `I3Model.forward` after each forward
+
+    def recurrent_states(self, layer_idx: int) -> RecurrentStates:
+        return self.layers[layer_idx]
+
+    @property
+    def recording(self) -> bool:
+        return any(layer.recording for layer in self.layers if isinstance(layer, RecurrentStates))
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int | None = 0) -> tuple[int, int]:
+        """(keys length, offset) of the attention masks: the static length, or the tokens seen plus the new ones."""
+        if self.max_cache_len is not None:
+            return self.max_cache_len, 0
+        return self.seen_tokens + query_length, 0
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [isinstance(layer, RecurrentStates) for layer in self.layers]
+
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs):
+        """Start keeping what `crop` needs to undo tokens. transformers 5.25 says how many tokens a rollback may
+        remove; 5.24 does not (then everything since this call is kept, until the next `crop`)."""
+        for layer in self.layers:
+            if isinstance(layer, RecurrentStates):
+                layer.start_recording(recurrent_states_to_keep)
+
+    def crop(self, tokens_to_remove: int):
+        """Remove the last `-tokens_to_remove` tokens (transformers passes a negative count; 0 removes nothing)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"`crop` takes minus the number of tokens to remove, got {tokens_to_remove}.")
+        for layer in self.layers:
+            if isinstance(layer, RecurrentStates):
+                layer.roll_back(-tokens_to_remove)
+            elif tokens_to_remove:
+                layer.crop(tokens_to_remove)
+        self.seen_tokens += tokens_to_remove
 
     def reset(self):
         super().reset()
         self.seen_tokens = 0
 
 
-def new_cache(config: I3Config) -> DynamicCache:
-    """The cache `generate` and `use_cache=True` start from: transformers' own, or one that counts tokens."""
-    return DynamicCache(config=config) if "full_attention" in config.layer_types else TokenCountingCache(config)
-
-
 # --- small pieces ---
+
+
+# Activations as plain torch functions: transformers' activation modules can be swapped for Hub kernels
+# (`from_pretrained(use_kernels=True)`, the default from 5.25), which would change i3's numerics unasked.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 class I3LowRankLinear(nn.Module):
@@ -162,11 +295,11 @@ class I3MLP(nn.Module):
         self.gate_proj = (make_linear(config, config.hidden_size, config.intermediate_size, config.mlp_bias)
                           if config.gated_mlp else None)
         self.up_proj = make_linear(config, config.hidden_size, config.intermediate_size, config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = ACTIVATIONS[config.hidden_act]
         self.down_proj = make_linear(config, config.intermediate_size, config.hidden_size, config.mlp_bias)
 
     def forward(self, hidden_states: torch.Tensor, **token_mixing_inputs) -> torch.Tensor:
-        """`token_mixing_inputs` (mask, cache) are for the RWKV channel-mix that can stand in this place."""
+        """`token_mixing_inputs` (mask, states) are for the RWKV channel-mix that can stand in this place."""
         if self.gate_proj is None:
             return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
@@ -196,26 +329,26 @@ def zero_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 def with_history(
-    x: torch.Tensor, width: int, attention_mask: torch.Tensor | None, cache: Cache | None, layer_idx: int,
-    state_idx: int,
+    x: torch.Tensor, width: int, attention_mask: torch.Tensor | None, states: RecurrentStates | None, name: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(b, d, t) -> (b, d, width + t): `x` preceded by the `width` real inputs before it (zeros before the sequence
-    start), continuing from the cache's conv state `state_idx` and leaving there the last `width` real inputs. A token
-    shift is width 1, a causal conv of kernel K is width K - 1.
+    start), continuing from the cached state `name` and leaving there the last `width` real inputs. A token shift is
+    width 1, a causal conv of kernel K is width K - 1.
 
     A padded step must enter nobody's history, wherever it sits (left, right, or inside a continuation): when there
     is a mask, each row is stably sorted so that its padded steps come first, ahead of the history, and the real steps
     follow in their order. The second result is that order (None without a mask), for `restore_order`."""
-    history = cache.get_conv_state(layer_idx, state_idx) if cache is not None else None
-    history = x.new_zeros(*x.shape[:-1], width) if history is None else history[..., -width:].to(x.dtype)
+    history = states.get(name) if states is not None else None
+    history = x.new_zeros(*x.shape[:-1], width) if history is None else history.to(x.dtype)
     sequence = torch.cat([history, x], dim=-1)
     order = None
     if attention_mask is not None:
         is_real = torch.cat([attention_mask.new_ones(x.shape[0], width), attention_mask], dim=-1).bool()
         order = torch.argsort(is_real.to(torch.int8), dim=-1, stable=True)  # (b, width + t), padded steps first
         sequence = sequence.gather(-1, order[:, None].expand_as(sequence))
-    if cache is not None:
-        cache.update_conv_state(sequence[..., -width:], layer_idx, state_idx=state_idx, conv_kernel_size=width)
+    if states is not None:  # while recording, the window after each step: (t, b, d, width)
+        per_token = sequence.unfold(-1, width, 1)[..., 1:, :].movedim(-2, 0) if states.recording else None
+        states.update(name, sequence[..., -width:], per_token)
     return sequence, order
 
 
@@ -235,12 +368,11 @@ def token_shift(current: torch.Tensor, previous: torch.Tensor, past_weight: torc
 
 
 def previous_tokens(
-    hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, layer_idx: int,
-    state_idx: int,
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, states: RecurrentStates | None, name: str
 ) -> torch.Tensor:
     """(b, t, d) -> (b, t, d): the previous real token x_{t-1} for every t (RWKV token shift), continuing from the
-    cache."""
-    history, order = with_history(hidden_states.transpose(1, 2), 1, attention_mask, cache, layer_idx, state_idx)
+    cached state `name`."""
+    history, order = with_history(hidden_states.transpose(1, 2), 1, attention_mask, states, name)
     return restore_order(history[..., :-1], order, 1).transpose(1, 2)
 
 
@@ -266,7 +398,7 @@ def check_padding_keeps_state(attention_mask: torch.Tensor | None, continuing: b
 FORGET = -1e4  # a log-decay whose exp is exactly 0 in float32: the state before a document start is dropped
 
 
-def document_starts(position_ids: torch.Tensor, attention_mask, cache: Cache | None) -> torch.Tensor | None:
+def find_document_starts(position_ids: torch.Tensor, attention_mask, cache: Cache | None) -> torch.Tensor | None:
     """(b, t) True where a new document starts inside a packed row, by transformers' own rule (position ids that do
     not step by one, as padding-free collators produce; only without a padding mask or a cache), or None."""
     if attention_mask is not None or cache is not None or position_ids.shape[-1] < 2:
@@ -369,6 +501,18 @@ def segment_sum(log_decay: torch.Tensor) -> torch.Tensor:
     return segments.masked_fill(~ones.tril(0), -torch.inf)
 
 
+def scan_step_by_step(step, sequences, constants, initial_state):
+    """Run a scan's single-step twin over every step of the (b, t, ...) `sequences`: the outputs (b, t, ...) and the
+    state after each step (t, ...). A cache that is recording (to roll back rejected draft tokens) needs those."""
+    outputs, states = [], []
+    state = initial_state
+    for t in range(sequences[0].shape[1]):
+        output, state = step(*(sequence[:, t : t + 1] for sequence in sequences), *constants, initial_state=state)
+        outputs.append(output)
+        states.append(state)
+    return torch.cat(outputs, dim=1), torch.stack(states)
+
+
 # --- i3 selective SSM (SPEC 2.1) ---
 #
 # Per head h, with inputs u_t (p), step dt_t > 0, log-decay log_a_t = -exp(A_log) * dt_t, and shared B_t, C_t (n):
@@ -431,10 +575,12 @@ def i3_scan_kernel(kernel, u, dt, log_a, B, C, D, *, initial_state=None):
     return (y + D[:, None] * u.float()).to(u.dtype), final_state.transpose(-1, -2)
 
 
-def i3_scan_step(u, dt, log_a, B, C, D, *, initial_state):
+def i3_scan_step(u, dt, log_a, B, C, D, *, initial_state=None):
     """Single-step evaluation of the i3 SSM (decoding): the same as `i3_scan_chunked` with t = 1."""
     u1, dt1, log_a1, B1, C1 = (v[:, 0].float() for v in (u, dt, log_a, B, C))
-    state = torch.exp(log_a1)[..., None, None] * initial_state + (dt1[..., None] * u1)[..., None] * B1[:, None, None]
+    state = (dt1[..., None] * u1)[..., None] * B1[:, None, None]
+    if initial_state is not None:
+        state = state + torch.exp(log_a1)[..., None, None] * initial_state
     y = torch.einsum("bhpn,bn->bhp", state, C1) + D[:, None] * u1
     return y[:, None].to(u.dtype), state
 
@@ -443,10 +589,9 @@ class I3RecurrentMixer(nn.Module):
     """The `i3` mixer (SPEC 2.1): token shift, in-projection, causal conv, selective SSM, gated norm.
 
     Input-dependent: dt, B, C (from the conv output) and the gate z; learned constants: mu, A_log, dt_bias, D.
+    Cached states: "shift" the last token (b, d, 1), "conv" the last conv_kernel - 1 inner inputs (b, inner, K - 1),
+    "ssm" the state S (b, h, p, n) in float32.
     """
-
-    STATE_SSM = 0  # conv state: the last conv_kernel - 1 inner inputs; recurrent state: S (b, h, p, n)
-    STATE_SHIFT = 1  # conv state: the last token, for the token shift
 
     def __init__(self, config: I3Config, layer_idx: int):
         super().__init__()
@@ -472,16 +617,16 @@ class I3RecurrentMixer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
+        states: RecurrentStates | None = None,
         document_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`document_starts` (b, t), for packed rows: every state starts afresh there (shift, conv and SSM)."""
         batch, seq_len, _ = hidden_states.shape
-        ssm_state = cache.get_recurrent_state(self.layer_idx, self.STATE_SSM) if cache is not None else None
+        ssm_state = states.get("ssm") if states is not None else None
         hidden_states = zero_padding(hidden_states, attention_mask)
 
         # 1. token shift: m_t = x_t + mu (x_{t-1} - x_t), with no previous token at a document start
-        previous = previous_tokens(hidden_states, attention_mask, cache, self.layer_idx, self.STATE_SHIFT)
+        previous = previous_tokens(hidden_states, attention_mask, states, "shift")
         if document_starts is not None:
             previous = zero_padding(previous, ~document_starts)
         mixed = token_shift(hidden_states, previous, self.token_shift)
@@ -490,8 +635,7 @@ class I3RecurrentMixer(nn.Module):
         u, z = self.in_proj(mixed).chunk(2, dim=-1)
 
         # 3. causal depthwise conv over the real steps, then SiLU; padded positions are zeroed again after the bias
-        u, order = with_history(u.transpose(1, 2), self.conv_kernel - 1, attention_mask, cache, self.layer_idx,
-                                self.STATE_SSM)
+        u, order = with_history(u.transpose(1, 2), self.conv_kernel - 1, attention_mask, states, "conv")
         if document_starts is not None:
             u = conv_within_documents(u, self.conv1d, document_starts)
         else:
@@ -505,9 +649,13 @@ class I3RecurrentMixer(nn.Module):
         if document_starts is not None:  # decay 0 at a document start: nothing from the previous one survives
             log_a = log_a.masked_fill(document_starts[..., None], FORGET)
         u_heads = u.reshape(batch, seq_len, self.num_heads, self.head_dim)
+        per_token = None
         with without_autocast(u):
             kernel = optional_kernel(u, SSM_KERNEL) if document_starts is None else None  # FORGET needs exact sums
-            if ssm_state is not None and seq_len == 1:
+            if states is not None and states.recording:
+                y, per_token = scan_step_by_step(i3_scan_step, (u_heads, dt, log_a, B, C), (self.D,), ssm_state)
+                ssm_state = per_token[-1]
+            elif ssm_state is not None and seq_len == 1:
                 y, ssm_state = i3_scan_step(u_heads, dt, log_a, B, C, self.D, initial_state=ssm_state)
             elif kernel is not None:
                 y, ssm_state = i3_scan_kernel(kernel, u_heads, dt, log_a, B, C, self.D, initial_state=ssm_state)
@@ -515,8 +663,8 @@ class I3RecurrentMixer(nn.Module):
                 y, ssm_state = i3_scan_chunked(
                     u_heads, dt, log_a, B, C, self.D, chunk_size=self.chunk_size, initial_state=ssm_state
                 )
-        if cache is not None:
-            cache.update_recurrent_state(ssm_state, self.layer_idx, self.STATE_SSM)
+        if states is not None:
+            states.update("ssm", ssm_state, per_token)
 
         # 5. out = W_out(norm(y) * silu(z))
         return self.out_proj(self.norm(y.reshape(batch, seq_len, self.inner_size), z))
@@ -579,11 +727,12 @@ def lti_scan_chunked(x, transition, *, chunk_size, initial_state=None):
     return states, states[:, -1]
 
 
-def lti_scan_step(x, transition, *, initial_state):
+def lti_scan_step(x, transition, *, initial_state=None):
     """Single-step evaluation of `lti_scan_chunked` (t = 1): s = M s + x."""
-    transition = transition.float()
-    carried = transition * initial_state if transition.dim() == 1 else initial_state @ transition.T
-    state = carried + x[:, 0].float()
+    state = x[:, 0].float()
+    if initial_state is not None:
+        transition = transition.float()
+        state = state + (transition * initial_state if transition.dim() == 1 else initial_state @ transition.T)
     return state[:, None], state
 
 
@@ -591,9 +740,8 @@ class I3LtiMixer(nn.Module):
     """The `open-i3` mixer of the published i3-80M code (SPEC 2.2): an EMA h and a linear state s, no gate.
 
     Nothing depends on the input except the input itself: w_mix, A, B, C, D are learned constants.
+    Cached states, in float32: "average" the moving average h (b, d), "lti" the linear state s (b, n).
     """
-
-    STATE = 0  # conv state: h, the moving average (b, d, 1); recurrent state: s (b, n)
 
     def __init__(self, config: I3Config, layer_idx: int):
         super().__init__()
@@ -605,28 +753,32 @@ class I3LtiMixer(nn.Module):
         self.C = nn.Parameter(torch.empty(config.hidden_size, config.state_size))
         self.D = nn.Parameter(torch.empty(config.hidden_size))
 
-    def forward(self, hidden_states, attention_mask=None, cache=None, document_starts=None):
+    def forward(self, hidden_states, attention_mask=None, states=None, document_starts=None):
         refuse_packing(document_starts, "open-i3")
-        average = cache.get_conv_state(self.layer_idx, self.STATE) if cache is not None else None
-        state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
-        check_padding_keeps_state(attention_mask, state is not None, cache is not None, "open-i3")
+        average = states.get("average") if states is not None else None
+        state = states.get("lti") if states is not None else None
+        check_padding_keeps_state(attention_mask, state is not None, states is not None, "open-i3")
         x = zero_padding(hidden_states, attention_mask).float()
-        average = average[..., 0] if average is not None else None
 
+        per_token_averages = per_token_states = None
         with without_autocast(x):
             ema_input, state_input = (1 - self.w_mix.float()) * x, x @ self.B.float().T
-            if state is not None and x.shape[1] == 1:
+            if states is not None and states.recording:
+                averages, per_token_averages = scan_step_by_step(lti_scan_step, (ema_input,), (self.w_mix,), average)
+                lti_states, per_token_states = scan_step_by_step(lti_scan_step, (state_input,), (self.A,), state)
+                average, state = per_token_averages[-1], per_token_states[-1]
+            elif state is not None and x.shape[1] == 1:
                 averages, average = lti_scan_step(ema_input, self.w_mix, initial_state=average)
-                states, state = lti_scan_step(state_input, self.A, initial_state=state)
+                lti_states, state = lti_scan_step(state_input, self.A, initial_state=state)
             else:
                 averages, average = lti_scan_chunked(ema_input, self.w_mix, chunk_size=self.chunk_size,
                                                      initial_state=average)
-                states, state = lti_scan_chunked(state_input, self.A, chunk_size=self.chunk_size,
+                lti_states, state = lti_scan_chunked(state_input, self.A, chunk_size=self.chunk_size,
                                                  initial_state=state)
-            y = states @ self.C.float().T + self.D.float() * averages
-        if cache is not None:
-            cache.update_conv_state(average[..., None], self.layer_idx, self.STATE, conv_kernel_size=1)
-            cache.update_recurrent_state(state, self.layer_idx, self.STATE)
+            y = lti_states @ self.C.float().T + self.D.float() * averages
+        if states is not None:
+            states.update("average", average, per_token_averages)
+            states.update("lti", state, per_token_states)
         return y.to(hidden_states.dtype)
 
 
@@ -638,6 +790,11 @@ class I3LtiMixer(nn.Module):
 # without v: every exponent is taken relative to the running maximum pp, so nothing overflows (SPEC 2.3).
 
 WKV_EMPTY_LOG = -1e30  # pp of the empty state, and the key of a padded step: e^(that) is exactly 0
+
+
+def wkv_empty_state(like: torch.Tensor) -> torch.Tensor:
+    """The state before the first token, (b, 3, d) for keys `like` (b, d): no sums, and pp at the empty exponent."""
+    return torch.stack([torch.zeros_like(like), torch.zeros_like(like), torch.full_like(like, WKV_EMPTY_LOG)], dim=1)
 
 
 def wkv_merge(first, second):
@@ -673,8 +830,7 @@ def wkv4_scan_chunked(k, v, time_decay, time_first, *, chunk_size, initial_state
 
     # 2. across chunks: the state entering each chunk, decayed by the chunk's length, merged with its own sums
     if initial_state is None:
-        initial_state = torch.stack([k.new_zeros(batch, width), k.new_zeros(batch, width),
-                                     k.new_full((batch, width), WKV_EMPTY_LOG)], dim=1)
+        initial_state = wkv_empty_state(k[:, 0, 0])
     state = tuple(initial_state.float().unbind(1))
     entering = []
     for chunk in range(num_chunks):
@@ -700,10 +856,12 @@ def wkv4_scan_chunked(k, v, time_decay, time_first, *, chunk_size, initial_state
     return wkv, torch.stack(state, dim=1)
 
 
-def wkv4_scan_step(k, v, time_decay, time_first, *, initial_state):
+def wkv4_scan_step(k, v, time_decay, time_first, *, initial_state=None):
     """Single-step evaluation of the WKV (decoding): SPEC 2.3's recurrence for one token, = chunked at t = 1."""
     w, u = -torch.exp(time_decay.float()), time_first.float()
     k, v = k[:, 0].float(), v[:, 0].float()
+    if initial_state is None:
+        initial_state = wkv_empty_state(k)
     aa, bb, pp = initial_state.float().unbind(1)
     q = torch.maximum(u + pp, k)
     e1, e2 = torch.exp(u + pp - q), torch.exp(k - q)
@@ -716,9 +874,8 @@ class I3WkvTimeMix(nn.Module):
     """The `rwkv4` mixer of the published i3-200M code (SPEC 2.3): token shift, WKV attention, receptance gate.
 
     k, v and r depend on the input; the decay, the bonus of the current token and the shift mixes are constants.
+    Cached states: "shift" the last token (b, d, 1), "wkv" the sums (aa, bb, pp) (b, 3, d) in float32.
     """
-
-    STATE = 0  # conv state: the last token, for the token shift; recurrent state: (aa, bb, pp) (b, 3, d)
 
     def __init__(self, config: I3Config, layer_idx: int):
         super().__init__()
@@ -736,32 +893,35 @@ class I3WkvTimeMix(nn.Module):
         self.receptance = make_linear(config, size, size, bias=False)
         self.output = make_linear(config, size, size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, cache=None, document_starts=None):
+    def forward(self, hidden_states, attention_mask=None, states=None, document_starts=None):
         refuse_packing(document_starts, "rwkv4")
-        state = cache.get_recurrent_state(self.layer_idx, self.STATE) if cache is not None else None
-        check_padding_keeps_state(attention_mask, state is not None, cache is not None, "rwkv4")
+        state = states.get("wkv") if states is not None else None
+        check_padding_keeps_state(attention_mask, state is not None, states is not None, "rwkv4")
         x = zero_padding(hidden_states, attention_mask)
-        previous = previous_tokens(x, attention_mask, cache, self.layer_idx, self.STATE)
+        previous = previous_tokens(x, attention_mask, states, "shift")
         k = self.key(token_shift(x, previous, self.token_shift_k))
         v = self.value(token_shift(x, previous, self.token_shift_v))
         r = torch.sigmoid(self.receptance(token_shift(x, previous, self.token_shift_r)))
         if attention_mask is not None:  # a padded step must carry no weight in the WKV sums
             k = k.float().masked_fill(~attention_mask.bool()[..., None], WKV_EMPTY_LOG)
+        per_token = None
         with without_autocast(x):
-            if state is not None and x.shape[1] == 1:
+            if states is not None and states.recording:
+                wkv, per_token = scan_step_by_step(wkv4_scan_step, (k, v), (self.time_decay, self.time_first), state)
+                state = per_token[-1]
+            elif state is not None and x.shape[1] == 1:
                 wkv, state = wkv4_scan_step(k, v, self.time_decay, self.time_first, initial_state=state)
             else:
                 wkv, state = wkv4_scan_chunked(k, v, self.time_decay, self.time_first, chunk_size=self.chunk_size,
                                                initial_state=state)
-        if cache is not None:
-            cache.update_recurrent_state(state, self.layer_idx, self.STATE)
+        if states is not None:
+            states.update("wkv", state, per_token)
         return self.output(r * wkv.to(r.dtype))
 
 
 class I3WkvChannelMix(nn.Module):
-    """RWKV-v4 channel-mix, the feed-forward of `rwkv4` layers: `sigmoid(r) * W_v relu(k)^2`, with token shift."""
-
-    STATE = 1  # conv state: the last token, for the token shift
+    """RWKV-v4 channel-mix, the feed-forward of `rwkv4` layers: `sigmoid(r) * W_v relu(k)^2`, with token shift.
+    Cached state (in its layer's `RecurrentStates`): "channel_shift" the last token (b, d, 1)."""
 
     def __init__(self, config: I3Config, layer_idx: int):
         super().__init__()
@@ -773,9 +933,9 @@ class I3WkvChannelMix(nn.Module):
         self.receptance = make_linear(config, size, size, bias=False)
         self.value = make_linear(config, config.intermediate_size, size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, states=None):
         x = zero_padding(hidden_states, attention_mask)
-        previous = previous_tokens(x, attention_mask, cache, self.layer_idx, self.STATE)
+        previous = previous_tokens(x, attention_mask, states, "channel_shift")
         k = torch.square(torch.relu(self.key(token_shift(x, previous, self.token_shift_k))))
         r = torch.sigmoid(self.receptance(token_shift(x, previous, self.token_shift_r)))
         return r * self.value(k)
@@ -853,6 +1013,7 @@ class I3DecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: I3Config, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if self.layer_type == "full_attention":
@@ -877,15 +1038,17 @@ class I3DecoderLayer(GradientCheckpointingLayer):
         """`document_starts` (b, t) marks packed documents for the recurrent mixer (attention has them in its mask)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        states = None
         if self.layer_type == "full_attention":
             hidden_states, _ = self.self_attn(
                 hidden_states, position_embeddings, attention_mask, cache, **kwargs
             )
         else:
-            hidden_states = self.linear_attn(hidden_states, attention_mask, cache, document_starts)
+            states = cache.recurrent_states(self.layer_idx) if cache is not None else None
+            hidden_states = self.linear_attn(hidden_states, attention_mask, states, document_starts)
         hidden_states = residual + hidden_states
         feed_forward_input = self.post_attention_layernorm(hidden_states)
-        return hidden_states + self.mlp(feed_forward_input, attention_mask=attention_mask, cache=cache)
+        return hidden_states + self.mlp(feed_forward_input, attention_mask=attention_mask, states=states)
 
 
 class I3PreTrainedModel(PreTrainedModel):
@@ -896,7 +1059,6 @@ class I3PreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _is_stateful = True
     _can_record_outputs = {"hidden_states": I3DecoderLayer, "attentions": I3Attention}
 
     def _init_weights(self, module: nn.Module):
@@ -957,6 +1119,7 @@ class I3Model(I3PreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -965,32 +1128,36 @@ class I3Model(I3PreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        """`cache` (or `past_key_values`, its name before transformers 5.24) continues from earlier tokens."""
-        cache = one_cache(cache, past_key_values)
+        """`cache` (an `I3Cache`) continues from earlier tokens; with `use_cache=True` and none given, one is made."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_cache(cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
         # packed documents (position ids restarting inside a row, as padding-free collators make them) stay apart:
         # attention through transformers' mask, the recurrent layers by starting their states afresh; no cache then
-        starts = None if position_ids is None else document_starts(position_ids.expand(batch, -1), attention_mask, cache)
+        starts = None
+        if position_ids is not None:
+            starts = find_document_starts(position_ids.expand(batch, -1), attention_mask, cache)
         if use_cache and cache is None and starts is None:
-            cache = new_cache(self.config)
+            cache = I3Cache(self.config)
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=inputs_embeds.device) + self.cached_length(cache)
-            position_ids = position_ids.unsqueeze(0)
+            cached = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + cached).unsqueeze(0)
 
         # one mask per layer type present, unless `generate` already prepared them (it does for static caches)
         if not isinstance(masks := attention_mask, dict):
             masks = {"linear_attention": padding_mask(attention_mask, seq_len)}
-            if "full_attention" in self.config.layer_types:  # the cache goes by position: its name changed in 5.24
+            if self.config.has_attention:
                 masks["full_attention"] = create_causal_mask(
                     self.config, inputs_embeds, attention_mask, cache, position_ids
                 )
+        if cache is not None and cache.recording and masks["linear_attention"] is not None:
+            raise ValueError("Rolling back recurrent states (assisted generation, prompt lookup) needs unpadded rows: "
+                             "pass one sequence without padding.")
 
         hidden_states = inputs_embeds
         position_embeddings = None
@@ -1008,23 +1175,10 @@ class I3Model(I3PreTrainedModel):
                 document_starts=starts,
                 **kwargs,
             )
-        if isinstance(cache, TokenCountingCache):
+        if cache is not None:
             cache.seen_tokens += seq_len
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
-
-    @staticmethod
-    def cached_length(cache: Cache | None) -> int:
-        """Tokens already in `cache`, which the positions of new ones continue from."""
-        if cache is None:
-            return 0
-        if all(cache.is_linear) and not isinstance(cache, TokenCountingCache):
-            raise ValueError(
-                "This i3 layout has no attention layer, so a plain DynamicCache cannot tell how many tokens it holds: "
-                "pass `position_ids`, or a `TokenCountingCache(config)` from modeling_i3, or let the model create "
-                "its cache (`use_cache=True`)."
-            )
-        return cache.get_seq_length()
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
     def check_learned_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Learned positions end at `max_position_embeddings`: past it there is no embedding, so refuse clearly."""
@@ -1049,6 +1203,7 @@ class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1059,16 +1214,14 @@ class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        """`labels` are the input ids (shifted inside; -100 is ignored). Returns logits (b, t, vocab) and the cache;
-        `cache` may also be passed as `past_key_values`, its name before transformers 5.24."""
+        """`labels` are the input ids (shifted inside; -100 is ignored). Returns logits (b, t, vocab) and the cache."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=one_cache(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -1081,17 +1234,31 @@ class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        """`generate` builds transformers' cache; a layout without attention layers needs one that counts tokens."""
-        given = model_kwargs.get(CACHE_NAME)
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if model_kwargs.get(CACHE_NAME) is not given and "full_attention" not in self.config.layer_types:
-            model_kwargs[CACHE_NAME] = new_cache(self.config)
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ):
+        """`generate` starts from an `I3Cache` (static attention layers for `cache_implementation="static"`); a cache
+        the user passes, or none at all, is left to transformers' checks."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"i3 generates with its own cache: `cache_implementation` may be 'dynamic' or 'static', "
+                             f"not {implementation!r}.")
+        if implementation == "static":
+            max_cache_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+        model_kwargs["cache"] = I3Cache(self.config, max_cache_length if implementation == "static" else None)
+        if generation_config.is_assistant:  # a draft model's tokens are rolled back when the main model rejects them
+            model_kwargs["cache"].activate_past_recording(
+                recurrent_states_to_keep=generation_config.num_assistant_tokens
+            )
 
     def save_pretrained(self, *args, **kwargs):
         """Saved folders also load as the bare backbone (`AutoModel`: hidden states, embeddings)."""
@@ -1102,4 +1269,4 @@ class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
 # so that `save_pretrained` writes `auto_map` and copies the code files next to the weights
 I3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["I3ForCausalLM", "I3Model", "I3PreTrainedModel", "TokenCountingCache"]
+__all__ = ["I3Cache", "I3ForCausalLM", "I3Model", "I3PreTrainedModel"]

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from i3.configuration_i3 import I3Config
-from i3.modeling_i3 import CACHE_NAME, I3ForCausalLM, i3_scan_chunked, i3_scan_step
+from i3.modeling_i3 import I3Cache, I3ForCausalLM, i3_scan_chunked, i3_scan_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,12 +128,12 @@ def bench_train(models: dict, repeats: int, batch: int, seq_len: int, title: str
         print(f"| {precision} | {rates['i3']:.0f} | {rates['Llama']:.0f} | {rates['i3'] / rates['Llama']:.2f}x |")
 
 
-def cache_bytes(cache: DynamicCache) -> int:
-    """Bytes held by every key, value, conv and recurrent tensor of the cache."""
+def cache_bytes(cache) -> int:
+    """Bytes held by every key, value and recurrent state tensor of the cache (an i3 or a transformers one)."""
     total = 0
     for layer in cache.layers:
         tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
-        tensors += list(getattr(layer, "conv_states", {}).values()) + list(getattr(layer, "recurrent_states", {}).values())
+        tensors += list(getattr(layer, "states", {}).values())
         total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
 
@@ -141,13 +141,13 @@ def cache_bytes(cache: DynamicCache) -> int:
 @torch.inference_mode()
 def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, int]:
     """Prefill `prompt`, then greedy-decode `new_tokens` one at a time; returns decode seconds and cache bytes."""
-    cache = DynamicCache(config=model.config)
-    logits = model(prompt, **{CACHE_NAME: cache}, use_cache=True).logits[:, -1]
+    cache = I3Cache(model.config) if isinstance(model, I3ForCausalLM) else DynamicCache(config=model.config)
+    logits = model(prompt, cache=cache, use_cache=True).logits[:, -1]
     memory = cache_bytes(cache)
     start = time.perf_counter()
     for _ in range(new_tokens):
         next_token = logits.argmax(-1, keepdim=True)
-        logits = model(next_token, **{CACHE_NAME: cache}, use_cache=True).logits[:, -1]
+        logits = model(next_token, cache=cache, use_cache=True).logits[:, -1]
     return time.perf_counter() - start, memory
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
-from i3.modeling_i3 import CACHE_NAME, TokenCountingCache
+from i3.modeling_i3 import I3Cache
 
 from conftest import REPO_ROOT, tiny_model
 
@@ -67,26 +67,25 @@ def test_prefill_and_decode_from_the_cache_equal_the_full_forward(layout):
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
         first = model(ids[:, :5], use_cache=True)
-        cache, pieces = getattr(first, CACHE_NAME), [first.logits]
+        cache, pieces = first.cache, [first.logits]
         for t in range(5, 13):
-            pieces.append(model(ids[:, t : t + 1], **{CACHE_NAME: cache}).logits)
+            pieces.append(model(ids[:, t : t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_layout_without_attention_counts_its_tokens():
-    """An all-recurrent model's own cache counts the tokens it holds (transformers' counts need attention layers);
-    a plain DynamicCache is refused with a message that says what to do."""
-    model = layout_model("all-recurrent i3")
-    out = model(random_ids(1, 7), use_cache=True)
-    cache = getattr(out, CACHE_NAME)
-    assert isinstance(cache, TokenCountingCache) and cache.get_seq_length() == 7
-    model(random_ids(1, 1), **{CACHE_NAME: cache})
+@pytest.mark.parametrize("layout", ["i3", "all-recurrent i3"])
+def test_the_cache_counts_its_tokens_and_refuses_transformers_caches(layout):
+    """The model's own cache counts the tokens it holds, with or without attention layers (positions follow from it,
+    whatever transformers' layers report); a transformers cache is refused with a message that says what to pass."""
+    model = layout_model(layout)
+    cache = model(random_ids(1, 7), use_cache=True).cache
+    assert isinstance(cache, I3Cache) and cache.get_seq_length() == 7
+    model(random_ids(1, 1), cache=cache)
     assert cache.get_seq_length() == 8
     from transformers import DynamicCache
 
-    plain = DynamicCache(config=model.config)
-    with pytest.raises(ValueError, match="TokenCountingCache"):
-        model(random_ids(1, 3), **{CACHE_NAME: plain})
+    with pytest.raises(TypeError, match=r"I3Cache\(model.config\)"):
+        model(random_ids(1, 3), cache=DynamicCache(config=model.config))
 
 
 @pytest.mark.parametrize("layout", ["i3", "all-recurrent open-i3"])
@@ -161,8 +160,8 @@ def test_chunked_prefill_and_continuing_from_the_returned_cache(layout):
     reference = argmax_loop(model, prompt, 8)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, prefill_chunk_size=4, **GREEDY), reference)
     first = model.generate(prompt, max_new_tokens=4, return_dict_in_generate=True, **GREEDY)
-    cache = getattr(first, CACHE_NAME)
-    continued = model.generate(first.sequences, max_new_tokens=4, **{CACHE_NAME: cache}, **GREEDY)
+    cache = first.cache
+    continued = model.generate(first.sequences, max_new_tokens=4, cache=cache, **GREEDY)
     assert torch.equal(continued, reference)
 
 
@@ -197,8 +196,8 @@ def recurrent_states(model, cache):
     states = []
     for layer_idx, layer_type in enumerate(model.config.layer_types):
         if layer_type == "linear_attention":
-            states.append(cache.get_recurrent_state(layer_idx, 0))
-            states += [cache.get_conv_state(layer_idx, i) for i in range(model.config.number_of_conv_states)]
+            layer_states = cache.recurrent_states(layer_idx).states
+            states += [layer_states[name] for name in sorted(layer_states)]
     return states
 
 
@@ -213,12 +212,12 @@ def test_padding_anywhere_leaves_every_i3_state_as_it_was():
     positions = (is_real.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         alone = model(real[:, :4], use_cache=True)
-        alone = model(real[:, 4:], **{CACHE_NAME: getattr(alone, CACHE_NAME)})
+        alone = model(real[:, 4:], cache=alone.cache)
         first = model(padded[:, :6], attention_mask=is_real[:, :6], position_ids=positions[:, :6], use_cache=True)
         batched = model(padded[:, 6:], attention_mask=is_real, position_ids=positions[:, 6:],
-                        **{CACHE_NAME: getattr(first, CACHE_NAME)})
-    for state, reference in zip(recurrent_states(model, getattr(batched, CACHE_NAME)),
-                                recurrent_states(model, getattr(alone, CACHE_NAME)), strict=True):
+                        cache=first.cache)
+    for state, reference in zip(recurrent_states(model, batched.cache),
+                                recurrent_states(model, alone.cache), strict=True):
         torch.testing.assert_close(state, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched.logits[0, 4], alone.logits[0, -1], atol=1e-5, rtol=1e-5)
 
@@ -232,9 +231,9 @@ def test_published_mixers_refuse_padding_that_would_change_their_state(mixer):
     right = torch.tensor([[1, 1, 1, 1, 0, 0]])
     with pytest.raises(ValueError, match=f"`{mixer}`.*left"):
         model(ids, attention_mask=right, use_cache=True)
-    cache = getattr(model(ids, use_cache=True), CACHE_NAME)
+    cache = model(ids, use_cache=True).cache
     with pytest.raises(ValueError, match=f"`{mixer}`"):
-        model(ids, attention_mask=torch.cat([torch.tensor([[0, 0, 0, 0, 0, 0]]), right], 1), **{CACHE_NAME: cache})
+        model(ids, attention_mask=torch.cat([torch.tensor([[0, 0, 0, 0, 0, 0]]), right], 1), cache=cache)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=right, use_cache=False).logits[:, :4],
                                    model(ids[:, :4], use_cache=False).logits, atol=1e-5, rtol=1e-5)
@@ -413,23 +412,24 @@ def test_published_mixers_refuse_packed_documents(mixer):
         model(random_ids(1, 8), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
 
 
-def test_no_deprecation_warning_on_either_cache_name(caplog):
-    """Generating, and calling forward with the cache under this transformers' name or the other one, warns about
-    nothing: i3 speaks both names itself instead of leaning on transformers' deprecated aliases."""
+def test_the_old_cache_name_warns_as_transformers_models_do(caplog):
+    """Generating and calling forward with `cache` warn about nothing; the old name `past_key_values` still works
+    (the same logits) and warns that it is deprecated, as transformers' own models do."""
     import warnings
 
     from transformers.utils import logging as transformers_logging
 
     model = layout_model("i3")
-    ids = random_ids(1, 6)
+    ids, token = random_ids(1, 6), random_ids(1, 1, seed=1)
     transformers_logging.enable_propagation()
     try:
         with warnings.catch_warnings(), caplog.at_level("WARNING"):
             warnings.simplefilter("error")
             model.generate(ids, max_new_tokens=4, **GREEDY)
-            cache = getattr(model(ids, use_cache=True), CACHE_NAME)
-            for name in ("cache", "past_key_values"):
-                model(random_ids(1, 1), **{name: cache})
+            expected = model(token, cache=model(ids, use_cache=True).cache).logits
     finally:
         transformers_logging.disable_propagation()
     assert not [record for record in caplog.records if "deprecat" in record.getMessage().lower()]
+    with pytest.warns(FutureWarning, match="past_key_values.*deprecated.*Use `cache`"):
+        old_name = model(token, past_key_values=model(ids, use_cache=True).cache).logits
+    torch.testing.assert_close(old_name, expected)

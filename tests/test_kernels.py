@@ -68,12 +68,12 @@ def forward_and_decode(model, ids, attention_mask=None):
     model.eval()
     with torch.no_grad():
         out = model(ids, attention_mask=attention_mask, use_cache=True)
-        cache, logits = getattr(out, modeling.CACHE_NAME), [out.logits]
+        cache, logits = out.cache, [out.logits]
         mask = attention_mask
         for step in range(3):
             token = logits[-1][:, -1:].argmax(-1)
             mask = None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits.append(model(token, attention_mask=mask, use_cache=True, **{modeling.CACHE_NAME: cache}).logits)
+            logits.append(model(token, attention_mask=mask, use_cache=True, cache=cache).logits)
     return torch.cat(logits, dim=1), grads
 
 

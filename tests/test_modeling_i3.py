@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from i3.configuration_i3 import I3Config
-from i3.modeling_i3 import I3ForCausalLM
+from i3.modeling_i3 import I3Cache, I3ForCausalLM
 
 from conftest import REPO_ROOT, hub_cache_snapshot, load_in_fresh_process, tiny_config, tiny_model, with_live_states
 
@@ -29,10 +29,10 @@ def test_full_forward_equals_token_by_token(recurrent_mixer, position_embedding_
     ids = random_ids(2, 13)
     with torch.no_grad():
         expected = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        pieces = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        cache = I3Cache(model.config)
+        pieces = [model(ids[:, :5], cache=cache, use_cache=True).logits]
         for t in range(5, 13):
-            pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            pieces.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -43,9 +43,9 @@ def test_prefill_in_several_chunks_equals_one_pass(recurrent_mixer):
     ids = random_ids(2, 19)
     with torch.no_grad():
         expected = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        first = model(ids[:, :6], past_key_values=cache, use_cache=True).logits
-        second = model(ids[:, 6:], past_key_values=cache, use_cache=True).logits
+        cache = I3Cache(model.config)
+        first = model(ids[:, :6], cache=cache, use_cache=True).logits
+        second = model(ids[:, 6:], cache=cache, use_cache=True).logits
     torch.testing.assert_close(torch.cat([first, second], dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -66,20 +66,17 @@ def test_padding_does_not_touch_recurrent_states():
     prompt = random_ids(1, 6)
     padded = torch.cat([torch.full((1, 5), model.config.pad_token_id), prompt], dim=1)
     mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 6)], dim=1).long()
-    alone, batched = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    alone, batched = I3Cache(model.config), I3Cache(model.config)
     with torch.no_grad():
-        model(prompt, past_key_values=alone, use_cache=True)
-        model(padded, attention_mask=mask, past_key_values=batched, use_cache=True)
+        model(prompt, cache=alone, use_cache=True)
+        model(padded, attention_mask=mask, cache=batched, use_cache=True)
     for layer_idx, layer_type in enumerate(model.config.layer_types):
         if layer_type != "linear_attention":
             continue
-        torch.testing.assert_close(
-            batched.get_recurrent_state(layer_idx, 0), alone.get_recurrent_state(layer_idx, 0), atol=1e-5, rtol=1e-5
-        )
-        for state_idx in range(model.config.number_of_conv_states):
-            torch.testing.assert_close(
-                batched.get_conv_state(layer_idx, state_idx), alone.get_conv_state(layer_idx, state_idx)
-            )
+        expected = alone.recurrent_states(layer_idx).states
+        assert sorted(expected) == ["conv", "shift", "ssm"]
+        for name, state in batched.recurrent_states(layer_idx).states.items():
+            torch.testing.assert_close(state, expected[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_labels_give_the_shifted_cross_entropy():
@@ -232,7 +229,7 @@ def test_eager_attention_equals_sdpa_and_records_outputs():
     assert [a.shape for a in eager.attentions] == [(2, 4, 9, 9)] * 2  # the two attention layers
     torch.testing.assert_close(eager.attentions[0].sum(-1)[1], torch.ones(4, 9))
 
-@pytest.mark.parametrize("version, warns", [("5.22.2", True), ("5.23.0", False), ("5.24.3", False), ("5.25.0", True)])
+@pytest.mark.parametrize("version, warns", [("5.23.0", True), ("5.24.0", False), ("5.25.3", False), ("5.26.0", True)])
 def test_transformers_outside_the_tested_range_warns_with_the_range(monkeypatch, version, warns):
     """Loading i3 under a transformers release outside the tested range warns and names the range; inside, no word."""
     from i3 import configuration_i3
@@ -245,6 +242,17 @@ def test_transformers_outside_the_tested_range_warns_with_the_range(monkeypatch,
     if warns:
         oldest, newest = configuration_i3.TESTED_TRANSFORMERS
         assert oldest in messages[0] and newest in messages[0] and version in messages[0]
+
+
+def test_the_tested_range_is_the_one_requirements_allow():
+    """The tested-range warning names the range requirements.txt installs: its floor, and its bound below the next
+    minor release after the newest tested one."""
+    from i3 import configuration_i3
+
+    oldest, newest = configuration_i3.TESTED_TRANSFORMERS
+    major, minor = (int(part) for part in newest.split("."))
+    requirements = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    assert f"transformers>={oldest},<{major}.{minor + 1}" in requirements
 
 
 def test_gated_feed_forward_is_llamas_swiglu():
