@@ -3,6 +3,7 @@ each checked against an independent reference: full forwards without a cache, ha
 loops, log-prob sums. Every layout runs: the three recurrent mixers under attention, and all-recurrent stacks (the
 published small presets have no attention layer)."""
 
+import copy
 import json
 
 import pytest
@@ -22,6 +23,8 @@ LAYOUTS = {
                                   position_embedding_type="learned"),  # the i3-12m / i3-22m / i3-tiny shape
 }
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=1)
+# speculative decoding: `generate` infers a draft's attention mask from the pad token, which random models generate
+SPECULATIVE_GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=None)
 
 
 def random_ids(batch, length, seed=0, vocab=99):
@@ -433,3 +436,76 @@ def test_the_old_cache_name_warns_as_transformers_models_do(caplog):
     with pytest.warns(FutureWarning, match="past_key_values.*deprecated.*Use `cache`"):
         old_name = model(token, past_key_values=model(ids, use_cache=True).cache).logits
     torch.testing.assert_close(old_name, expected)
+
+
+# --- speculative decoding: rolling recurrent states back to the last accepted token ---
+
+
+def draft_of(model, seed: int = 0):
+    """A draft model for assisted generation: `model` with noise on its output layer, so that it proposes the main
+    model's next token often but not always (both acceptance and rejection get exercised)."""
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        noise = torch.randn(draft.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed))
+        draft.lm_head.weight.add_(noise * draft.lm_head.weight.std())
+    draft.generation_config.pad_token_id = None  # see SPECULATIVE_GREEDY
+    return draft
+
+
+def count_rollbacks(monkeypatch) -> list[int]:
+    """The number of tokens each `I3Cache.crop` call removes, as generation runs."""
+    removed = []
+    crop = I3Cache.crop
+    monkeypatch.setattr(I3Cache, "crop", lambda cache, tokens: (removed.append(-tokens), crop(cache, tokens))[1])
+    return removed
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_assisted_generation_with_an_i3_draft_is_greedy_decoding(layout, monkeypatch):
+    """`generate(assistant_model=draft)` gives exactly the argmax loop's tokens: the main model's (and the draft's)
+    recurrent states roll back to the last accepted token whenever draft tokens are rejected."""
+    model = layout_model(layout, seed=3)
+    prompt = random_ids(1, 6, seed=3)
+    removed = count_rollbacks(monkeypatch)
+    out = model.generate(prompt, assistant_model=draft_of(model), max_new_tokens=24, **SPECULATIVE_GREEDY)
+    assert torch.equal(out, argmax_loop(model, prompt, 24))
+    assert any(tokens >= 1 for tokens in removed), "no draft token was ever rejected: the rollback went untested"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prompt_lookup_decoding_is_greedy_decoding(layout, monkeypatch):
+    """`prompt_lookup_num_tokens` (drafts copied from the prompt) gives exactly the argmax loop's tokens."""
+    model = layout_model(layout, seed=5)
+    prompt = random_ids(1, 5, seed=5).repeat(1, 3)  # repeats, so that lookups find candidates
+    removed = count_rollbacks(monkeypatch)
+    out = model.generate(prompt, prompt_lookup_num_tokens=3, max_new_tokens=16, **SPECULATIVE_GREEDY)
+    assert torch.equal(out, argmax_loop(model, prompt, 16))
+    assert any(tokens >= 2 for tokens in removed), "no rollback of several tokens happened"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rolling_back_restores_the_states_of_the_shorter_sequence(layout):
+    """A recording cache that saw 4 + 5 tokens and dropped the last 3 holds every state, and gives the next logits,
+    of a cache that saw only the first 6 tokens."""
+    model = layout_model(layout)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        expected = model(ids[:, :6], use_cache=True).cache
+        cache = model(ids[:, :4], use_cache=True).cache
+        cache.activate_past_recording()
+        model(ids[:, 4:], cache=cache)
+        cache.crop(-3)
+        assert cache.get_seq_length() == 6
+        for state, reference in zip(recurrent_states(model, cache), recurrent_states(model, expected), strict=True):
+            torch.testing.assert_close(state, reference, atol=1e-5, rtol=1e-5)
+        next_token = random_ids(2, 1, seed=1)
+        torch.testing.assert_close(model(next_token, cache=cache).logits, model(next_token, cache=expected).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_rolling_back_without_recording_is_refused():
+    """Removing tokens from a cache that recorded nothing stops at once, saying what to call first."""
+    model = layout_model("i3")
+    cache = model(random_ids(1, 5), use_cache=True).cache
+    with pytest.raises(ValueError, match="activate_past_recording"):
+        cache.crop(-2)
