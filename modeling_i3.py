@@ -47,6 +47,9 @@ from .configuration_i3 import I3Config
 # cached length, and counts tokens by the width of the conv states it is handed). i3 keeps what it must own here: each
 # recurrent layer's states in `RecurrentStates`, and the number of cached tokens in `I3Cache`, from which positions and
 # masks follow. Attention keys and values stay in transformers' public `DynamicLayer` / `StaticLayer`.
+# What `generate` asks of the cache, on every supported release (5.24, 5.25): `get_seq_length`, `get_mask_sizes`,
+# `crop` with minus the tokens to remove, `activate_past_recording` (5.25 passes how many tokens a rollback may undo,
+# 5.24 passes nothing), and the batch reordering of beam search.
 
 
 class RecurrentStates:
@@ -1253,7 +1256,7 @@ class I3ForCausalLM(I3PreTrainedModel, GenerationMixin):
             raise ValueError(f"i3 generates with its own cache: `cache_implementation` may be 'dynamic' or 'static', "
                              f"not {implementation!r}.")
         if implementation == "static":
-            max_cache_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
         model_kwargs["cache"] = I3Cache(self.config, max_cache_length if implementation == "static" else None)
         if generation_config.is_assistant:  # a draft model's tokens are rolled back when the main model rejects them
             model_kwargs["cache"].activate_past_recording(

@@ -244,6 +244,19 @@ def test_transformers_outside_the_tested_range_warns_with_the_range(monkeypatch,
         assert oldest in messages[0] and newest in messages[0] and version in messages[0]
 
 
+def test_no_module_can_be_swapped_for_a_hub_kernel():
+    """transformers' activation modules carry hooks that `from_pretrained(use_kernels=True)` (the default from 5.25,
+    wherever `kernels` is installed) replaces with downloaded kernels; i3 uses none of them, so nothing changes its
+    numerics unasked."""
+    import transformers.activations
+
+    activation_classes = tuple(cls for cls in vars(transformers.activations).values()
+                               if isinstance(cls, type) and issubclass(cls, torch.nn.Module))
+    for mixer in MIXERS:
+        model = tiny_model(recurrent_mixer=mixer, gated_mlp=mixer == "i3")
+        assert not [name for name, module in model.named_modules() if isinstance(module, activation_classes)]
+
+
 def test_the_tested_range_is_the_one_requirements_allow():
     """The tested-range warning names the range requirements.txt installs: its floor, and its bound below the next
     minor release after the newest tested one."""
