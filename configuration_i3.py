@@ -29,15 +29,16 @@ class I3Config(PreTrainedConfig):
         `down(act(gate(x)) * up(x))`; 2/3 of the plain width gives equal parameters), num_hidden_layers, layer_types
         (one of `"linear_attention"` / `"full_attention"` per layer, bottom to top; derived as 5/8 recurrent then
         attention when omitted), layer_norm_eps, hidden_act, mlp_bias, lm_head_bias, tie_word_embeddings,
-        initializer_range, low_rank (rank of factorised linear layers, SPEC 2.6; `None` for ordinary ones).
+        initializer_range, low_rank (rank of factorised linear layers, `None` for ordinary ones;
+        docs/design.md#low-rank-linear-layers).
     Positions:
         position_embedding_type (`"rope"` in attention layers, or `"learned"` absolute embeddings added at the input
         as the published checkpoints do), max_position_embeddings (a hard cap only for `"learned"`), rope_parameters.
     Attention:
         num_attention_heads, attention_bias, attention_dropout.
     Recurrent layers:
-        recurrent_mixer (`"i3"`: selective SSM, SPEC 2.1; `"open-i3"`: the published i3-80M mixer, SPEC 2.2;
-        `"rwkv4"`: the published i3-200M RWKV-v4 time-mix with channel-mix feed-forward, SPEC 2.3),
+        recurrent_mixer (`"i3"`: selective SSM; `"open-i3"`: the published i3-80M mixer; `"rwkv4"`: the published
+        i3-200M RWKV-v4 time-mix with channel-mix feed-forward; docs/design.md#recurrent-mixers),
         recurrent_num_heads (scalar decays per layer), expand (inner width = expand * hidden_size), state_size,
         conv_kernel, chunk_size (length of the blocks of the chunked scan), time_step_min / time_step_max (range of
         the initial step size dt).
@@ -102,6 +103,12 @@ class I3Config(PreTrainedConfig):
     @property
     def has_attention(self) -> bool:
         return "full_attention" in self.layer_types
+
+    @property
+    def separates_packed_documents(self) -> bool:
+        """Whether documents packed into one row can start afresh (docs/design.md#packed-documents): the `i3` mixer
+        drops its states at a document start; the published mixers cannot."""
+        return self.recurrent_mixer == "i3"
 
     def validate_architecture(self):
         """Raise a `ValueError` naming the field for every value the model cannot be built from."""

@@ -4,8 +4,8 @@
         [--config config.json] [--vocab chunk_vocab_combined.json | --vocab tokenizer.json] [--num_heads 16]
 
 Both published model classes are recognised from their tensors: the i3-80M code (`hybrid` blocks, run by i3's
-`open-i3` mixer, SPEC 2.2) and the i3-200M code (RWKV-v4 `att` / `ffn` blocks, the `rwkv4` mixer, SPEC 2.3), each
-with attention blocks. The tensors decide every size and the order of the layers. The number of attention heads is
+`open-i3` mixer) and the i3-200M code (RWKV-v4 `att` / `ffn` blocks, the `rwkv4` mixer), each with attention blocks
+(docs/design.md#the-family). The tensors decide every size and the order of the layers. The number of attention heads is
 not in any tensor: it comes from `--num_heads`, else the original config.json (`--config`, or the one a training
 checkpoint embeds), else the published default for that width. Everything else a config says is only a cross-check
 that warns: the published i3-80M config.json states d_state 64 for a model built with 32.
@@ -29,10 +29,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
 
-from i3.configuration_i3 import I3Config
-from i3.model_card import write_model_card
-from i3.modeling_i3 import I3ForCausalLM
-from i3.tokenization_i3 import CHAT_TEMPLATE, I3Tokenizer
+try:
+    from i3.configuration_i3 import I3Config
+    from i3.model_card import write_model_card
+    from i3.modeling_i3 import I3ForCausalLM
+    from i3.tokenization_i3 import CHAT_TEMPLATE, I3Tokenizer
+except ModuleNotFoundError as error:  # run from a checkout that was never installed
+    raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
 OPEN_I3_URL = "https://github.com/FlameF0X/open-i3"
 
@@ -129,7 +132,7 @@ def read_json(path: Path) -> dict:
 # --- architecture from the tensors ---
 
 
-def anchor(state: dict[str, torch.Tensor], key: str, path: Path) -> torch.Size:
+def required_shape(state: dict[str, torch.Tensor], key: str, path: Path) -> torch.Size:
     """The shape of a 2-D tensor that every open-i3 checkpoint has and the sizes are read from."""
     if key not in state:
         raise ConversionError(f"{path}: has no tensor `{key}`, so it is not an open-i3 checkpoint.")
@@ -155,18 +158,18 @@ def layer_kinds(state: dict[str, torch.Tensor], path: Path) -> list[tuple[str, s
 
 def infer_config(state: dict[str, torch.Tensor], path: Path, num_heads: int | None) -> I3Config:
     """The i3 configuration that runs this checkpoint: every size from the tensors, the heads as given or published."""
-    vocab_size, hidden_size = anchor(state, "embed.weight", path)
-    max_positions = anchor(state, "pos_embed.weight", path)[0]
+    vocab_size, hidden_size = required_shape(state, "embed.weight", path)
+    max_positions = required_shape(state, "pos_embed.weight", path)[0]
     kinds = layer_kinds(state, path)
     mixers = {mixer for _, mixer in kinds if mixer is not None}
     if len(mixers) != 1:
         raise ConversionError(f"{path}: needs recurrent layers of one kind, `hybrid` or `att`; found {sorted(mixers)}.")
     mixer = mixers.pop()
     first_ffn = "layers.0.ffn.key.weight" if kinds[0][1] == "rwkv4" else "layers.0.ffn.0.weight"
-    sizes = dict(intermediate_size=anchor(state, first_ffn, path)[0])
+    sizes = dict(intermediate_size=required_shape(state, first_ffn, path)[0])
     if mixer == "open-i3":
         first_recurrent = next(i for i, (_, kind) in enumerate(kinds) if kind == "open-i3")
-        sizes["state_size"] = anchor(state, f"layers.{first_recurrent}.hybrid.A", path)[0]
+        sizes["state_size"] = required_shape(state, f"layers.{first_recurrent}.hybrid.A", path)[0]
     if num_heads is None:
         num_heads = PUBLISHED_HEADS.get((mixer, hidden_size))
     if num_heads is None:
@@ -331,7 +334,8 @@ def convert(args: argparse.Namespace):
     tokenizer = load_tokenizer(args.vocab, config.vocab_size) if args.vocab is not None else None
     write_folder(args.output_dir, model, tokenizer, args.checkpoint)
     logger.info(
-        "Wrote %s: %s parameters, %s, layers %s.", args.output_dir, f"{model.num_parameters():,}", config.recurrent_mixer,
+        "Wrote %s: %s parameters, %s, layers %s.", args.output_dir, f"{model.num_parameters():,}",
+        config.recurrent_mixer,
         "".join("R" if kind == "linear_attention" else "A" for kind in config.layer_types),
     )
 

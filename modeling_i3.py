@@ -4,7 +4,7 @@ The stack is `config.layer_types`, bottom to top: `"linear_attention"` layers ho
 `"full_attention"` layers hold multi-head attention (the i3-80M layout is 10 recurrent + 6 attention). Every
 layer is pre-norm residual: `x = x + mixer(norm1(x)); x = x + ffn(norm2(x))`.
 
-The recurrent mixer is `config.recurrent_mixer` (section numbers refer to the design reference, SPEC.md):
+The recurrent mixer is `config.recurrent_mixer` (the math of each: docs/design.md#recurrent-mixers):
   - `"i3"` (2.1): RWKV token shift, causal conv, and a selective state space model with one scalar decay per head
     (Mamba-2 form), gated by a SiLU branch. The default for new models.
   - `"open-i3"` (2.2): the linear time-invariant mixer of the published i3-80M code, exactly.
@@ -219,7 +219,7 @@ ACTIVATIONS = {
 
 
 class I3LowRankLinear(nn.Module):
-    """A linear layer factorised through rank r, `y = x (A B)^T + b` (SPEC 2.6, the "LoRPt" cards)."""
+    """A linear layer factorised through rank r, `y = x (A B)^T + b` (docs/design.md#low-rank-linear-layers)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
         super().__init__()
@@ -239,7 +239,8 @@ def make_linear(config: I3Config, in_features: int, out_features: int, bias: boo
 
 
 class I3GatedRMSNorm(nn.Module):
-    """`weight * rmsnorm(y) * silu(z)`: normalises the SSM output before the SiLU gate (SPEC 2.1 step 5)."""
+    """`weight * rmsnorm(y) * silu(z)`: normalises the SSM output before the SiLU gate (step 5 of
+    docs/design.md#the-i3-mixer)."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -332,36 +333,37 @@ def zero_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 def with_history(
-    x: torch.Tensor, width: int, attention_mask: torch.Tensor | None, states: RecurrentStates | None, name: str
+    x: torch.Tensor, history_length: int, attention_mask: torch.Tensor | None, states: RecurrentStates | None,
+    name: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(b, d, t) -> (b, d, width + t): `x` preceded by the `width` real inputs before it (zeros before the sequence
-    start), continuing from the cached state `name` and leaving there the last `width` real inputs. A token shift is
-    width 1, a causal conv of kernel K is width K - 1.
+    """(b, d, t) -> (b, d, history_length + t): `x` preceded by the `history_length` real inputs before it (zeros
+    before the sequence start), continuing from the cached state `name` and leaving there the last `history_length`
+    real inputs. A token shift keeps 1 input, a causal conv of kernel K keeps K - 1.
 
     A padded step must enter nobody's history, wherever it sits (left, right, or inside a continuation): when there
     is a mask, each row is stably sorted so that its padded steps come first, ahead of the history, and the real steps
     follow in their order. The second result is that order (None without a mask), for `restore_order`."""
     history = states.get(name) if states is not None else None
-    history = x.new_zeros(*x.shape[:-1], width) if history is None else history.to(x.dtype)
+    history = x.new_zeros(*x.shape[:-1], history_length) if history is None else history.to(x.dtype)
     sequence = torch.cat([history, x], dim=-1)
     order = None
     if attention_mask is not None:
-        is_real = torch.cat([attention_mask.new_ones(x.shape[0], width), attention_mask], dim=-1).bool()
-        order = torch.argsort(is_real.to(torch.int8), dim=-1, stable=True)  # (b, width + t), padded steps first
+        is_real = torch.cat([attention_mask.new_ones(x.shape[0], history_length), attention_mask], dim=-1).bool()
+        order = torch.argsort(is_real.to(torch.int8), dim=-1, stable=True)  # (b, history + t), padded steps first
         sequence = sequence.gather(-1, order[:, None].expand_as(sequence))
-    if states is not None:  # while recording, the window after each step: (t, b, d, width)
-        per_token = sequence.unfold(-1, width, 1)[..., 1:, :].movedim(-2, 0) if states.recording else None
-        states.update(name, sequence[..., -width:], per_token)
+    if states is not None:  # while recording, the window after each step: (t, b, d, history_length)
+        per_token = sequence.unfold(-1, history_length, 1)[..., 1:, :].movedim(-2, 0) if states.recording else None
+        states.update(name, sequence[..., -history_length:], per_token)
     return sequence, order
 
 
-def restore_order(outputs: torch.Tensor, order: torch.Tensor | None, width: int) -> torch.Tensor:
-    """(b, d, t) outputs computed on a `with_history` sequence (output s belongs to its step `width + s`), put back
-    in the order of the steps. Padded steps receive arbitrary values: callers zero them."""
+def restore_order(outputs: torch.Tensor, order: torch.Tensor | None, history_length: int) -> torch.Tensor:
+    """(b, d, t) outputs computed on a `with_history` sequence (output s belongs to its step `history_length + s`),
+    put back in the order of the steps. Padded steps receive arbitrary values: callers zero them."""
     if order is None:
         return outputs
-    sorted_position = torch.argsort(order, dim=-1)[:, width:]  # (b, t): where each step went
-    return outputs.gather(-1, (sorted_position - width).clamp(min=0)[:, None].expand_as(outputs))
+    sorted_position = torch.argsort(order, dim=-1)[:, history_length:]  # (b, t): where each step went
+    return outputs.gather(-1, (sorted_position - history_length).clamp(min=0)[:, None].expand_as(outputs))
 
 
 def token_shift(current: torch.Tensor, previous: torch.Tensor, past_weight: torch.Tensor) -> torch.Tensor:
@@ -398,7 +400,8 @@ def check_padding_keeps_state(attention_mask: torch.Tensor | None, continuing: b
 
 # --- packed documents: position ids that restart mark where a document starts ---
 
-FORGET = -1e4  # a log-decay whose exp is exactly 0 in float32: the state before a document start is dropped
+# a log-decay whose exp is exactly 0 in float32: the state before a document start is dropped
+LOG_DECAY_AT_DOCUMENT_START = -1e4
 
 
 def find_document_starts(position_ids: torch.Tensor, attention_mask, cache: Cache | None) -> torch.Tensor | None:
@@ -422,16 +425,6 @@ def conv_within_documents(sequence: torch.Tensor, conv: nn.Conv1d, starts: torch
     return torch.einsum("bdtk,dk->bdt", windows * same_document, conv.weight[:, 0]) + conv.bias[:, None]
 
 
-def refuse_packing(starts: torch.Tensor | None, mixer: str):
-    """The published mixers have no way to drop their state inside a row: packed documents would leak."""
-    if starts is not None:
-        raise ValueError(
-            f"Packed documents (position_ids that restart inside a row) need the `i3` recurrent mixer; the `{mixer}` "
-            "mixer of the published checkpoints would carry one document's state into the next. Pass one document "
-            "per row (with padding) instead."
-        )
-
-
 # --- optional CUDA kernels ---
 #
 # On CUDA, flash-linear-attention's `chunk_simple_gla` computes the i3 SSM (one scalar decay per head and step) and
@@ -445,7 +438,7 @@ SSM_KERNEL = ("fla.ops.simple_gla", "chunk_simple_gla")
 
 
 @functools.cache
-def installed(module: str, name: str) -> Callable | None:
+def import_optional(module: str, name: str) -> Callable | None:
     """`module.name` if that package is installed and imports, else None (looked up once)."""
     try:
         return getattr(importlib.import_module(module), name)
@@ -455,18 +448,18 @@ def installed(module: str, name: str) -> Callable | None:
 
 def optional_kernel(tensor: torch.Tensor, kernel: tuple[str, str]) -> Callable | None:
     """The optional `kernel` (module, name) for `tensor`: installed and on a device it runs on, else None."""
-    return installed(*kernel) if tensor.device.type in KERNEL_DEVICES else None
+    return import_optional(*kernel) if tensor.device.type in KERNEL_DEVICES else None
 
 
 def causal_depthwise_conv(sequence: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """The depthwise `conv` over a `with_history` sequence, (b, d, K - 1 + t) -> (b, d, t): causal-conv1d where it
     runs, one dot product per channel for a single step (decoding: far cheaper than a conv call), else the conv."""
-    width = conv.kernel_size[0]
+    kernel_size = conv.kernel_size[0]
     kernel = optional_kernel(sequence, CONV_KERNEL)
     if kernel is not None:  # it pads K - 1 zeros on the left itself: drop the outputs that would read them
         weight, bias = conv.weight[:, 0].to(sequence.dtype), conv.bias.to(sequence.dtype)
-        return kernel(sequence.contiguous(), weight, bias)[..., width - 1 :]
-    if sequence.shape[-1] == width:
+        return kernel(sequence.contiguous(), weight, bias)[..., kernel_size - 1 :]
+    if sequence.shape[-1] == kernel_size:
         return (sequence * conv.weight[:, 0]).sum(-1, keepdim=True) + conv.bias[:, None]
     return conv(sequence)
 
@@ -516,7 +509,7 @@ def scan_step_by_step(step, sequences, constants, initial_state):
     return torch.cat(outputs, dim=1), torch.stack(states)
 
 
-# --- i3 selective SSM (SPEC 2.1) ---
+# --- i3 selective SSM (docs/design.md#the-i3-mixer) ---
 #
 # Per head h, with inputs u_t (p), step dt_t > 0, log-decay log_a_t = -exp(A_log) * dt_t, and shared B_t, C_t (n):
 #   S_t = exp(log_a_t) * S_{t-1} + dt_t * u_t (outer) B_t          S: (p, n)
@@ -589,7 +582,7 @@ def i3_scan_step(u, dt, log_a, B, C, D, *, initial_state=None):
 
 
 class I3RecurrentMixer(nn.Module):
-    """The `i3` mixer (SPEC 2.1): token shift, in-projection, causal conv, selective SSM, gated norm.
+    """The `i3` mixer (docs/design.md#the-i3-mixer): token shift, in-projection, causal conv, selective SSM, gated norm.
 
     Input-dependent: dt, B, C (from the conv output) and the gate z; learned constants: mu, A_log, dt_bias, D.
     Cached states: "shift" the last token (b, d, 1), "conv" the last conv_kernel - 1 inner inputs (b, inner, K - 1),
@@ -650,11 +643,11 @@ class I3RecurrentMixer(nn.Module):
         dt = zero_padding(F.softplus((dt + self.dt_bias).float()), attention_mask)
         log_a = -torch.exp(self.A_log.float()) * dt
         if document_starts is not None:  # decay 0 at a document start: nothing from the previous one survives
-            log_a = log_a.masked_fill(document_starts[..., None], FORGET)
+            log_a = log_a.masked_fill(document_starts[..., None], LOG_DECAY_AT_DOCUMENT_START)
         u_heads = u.reshape(batch, seq_len, self.num_heads, self.head_dim)
         per_token = None
         with without_autocast(u):
-            kernel = optional_kernel(u, SSM_KERNEL) if document_starts is None else None  # FORGET needs exact sums
+            kernel = optional_kernel(u, SSM_KERNEL) if document_starts is None else None  # exact sums needed there
             if states is not None and states.recording:
                 y, per_token = scan_step_by_step(i3_scan_step, (u_heads, dt, log_a, B, C), (self.D,), ssm_state)
                 ssm_state = per_token[-1]
@@ -673,7 +666,7 @@ class I3RecurrentMixer(nn.Module):
         return self.out_proj(self.norm(y.reshape(batch, seq_len, self.inner_size), z))
 
 
-# --- published-checkpoint mixers, exact (SPEC 2.2, 2.3) ---
+# --- published-checkpoint mixers, exact (docs/design.md#the-open-i3-mixer, #the-rwkv4-mixer) ---
 #
 # open-i3, per channel or state entry (w_mix, A, B, C, D are constants):
 #   h_t = w_mix * h_{t-1} + (1 - w_mix) * x_t          an exponential moving average of the input, (d)
@@ -740,7 +733,8 @@ def lti_scan_step(x, transition, *, initial_state=None):
 
 
 class I3LtiMixer(nn.Module):
-    """The `open-i3` mixer of the published i3-80M code (SPEC 2.2): an EMA h and a linear state s, no gate.
+    """The `open-i3` mixer of the published i3-80M code (docs/design.md#the-open-i3-mixer): an EMA h and a linear
+    state s, no gate.
 
     Nothing depends on the input except the input itself: w_mix, A, B, C, D are learned constants.
     Cached states, in float32: "average" the moving average h (b, d), "lti" the linear state s (b, n).
@@ -757,7 +751,6 @@ class I3LtiMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(config.hidden_size))
 
     def forward(self, hidden_states, attention_mask=None, states=None, document_starts=None):
-        refuse_packing(document_starts, "open-i3")
         average = states.get("average") if states is not None else None
         state = states.get("lti") if states is not None else None
         check_padding_keeps_state(attention_mask, state is not None, states is not None, "open-i3")
@@ -790,7 +783,8 @@ class I3LtiMixer(nn.Module):
 # (the bonus u multiplies the past here, where the RWKV-v4 paper gives it to the current token; i3 keeps the
 # published arithmetic so that its checkpoints run unchanged).
 # The state after step t is (aa, bb, pp) with aa e^pp = sum_{s<=t} e^{(t-s) w + k_s} v_s and bb e^pp the same
-# without v: every exponent is taken relative to the running maximum pp, so nothing overflows (SPEC 2.3).
+# without v: every exponent is taken relative to the running maximum pp, so nothing overflows
+# (docs/design.md#the-rwkv4-mixer).
 
 WKV_EMPTY_LOG = -1e30  # pp of the empty state, and the key of a padded step: e^(that) is exactly 0
 
@@ -860,7 +854,7 @@ def wkv4_scan_chunked(k, v, time_decay, time_first, *, chunk_size, initial_state
 
 
 def wkv4_scan_step(k, v, time_decay, time_first, *, initial_state=None):
-    """Single-step evaluation of the WKV (decoding): SPEC 2.3's recurrence for one token, = chunked at t = 1."""
+    """Single-step evaluation of the WKV (decoding): the stable recurrence for one token, = chunked at t = 1."""
     w, u = -torch.exp(time_decay.float()), time_first.float()
     k, v = k[:, 0].float(), v[:, 0].float()
     if initial_state is None:
@@ -874,7 +868,8 @@ def wkv4_scan_step(k, v, time_decay, time_first, *, initial_state=None):
 
 
 class I3WkvTimeMix(nn.Module):
-    """The `rwkv4` mixer of the published i3-200M code (SPEC 2.3): token shift, WKV attention, receptance gate.
+    """The `rwkv4` mixer of the published i3-200M code (docs/design.md#the-rwkv4-mixer): token shift, WKV attention,
+    receptance gate.
 
     k, v and r depend on the input; the decay, the bonus of the current token and the shift mixes are constants.
     Cached states: "shift" the last token (b, d, 1), "wkv" the sums (aa, bb, pp) (b, 3, d) in float32.
@@ -897,7 +892,6 @@ class I3WkvTimeMix(nn.Module):
         self.output = make_linear(config, size, size, bias=False)
 
     def forward(self, hidden_states, attention_mask=None, states=None, document_starts=None):
-        refuse_packing(document_starts, "rwkv4")
         state = states.get("wkv") if states is not None else None
         check_padding_keeps_state(attention_mask, state is not None, states is not None, "rwkv4")
         x = zero_padding(hidden_states, attention_mask)
@@ -947,7 +941,7 @@ class I3WkvChannelMix(nn.Module):
 RECURRENT_MIXERS = {"i3": I3RecurrentMixer, "open-i3": I3LtiMixer, "rwkv4": I3WkvTimeMix}
 
 
-# --- attention (SPEC 2.4) ---
+# --- attention (docs/design.md#attention-positions-head) ---
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -1145,6 +1139,12 @@ class I3Model(I3PreTrainedModel):
         starts = None
         if position_ids is not None:
             starts = find_document_starts(position_ids.expand(batch, -1), attention_mask, cache)
+        if starts is not None and not self.config.separates_packed_documents:
+            raise ValueError(
+                f"Packed documents (position_ids that restart inside a row) need the `i3` recurrent mixer; the "
+                f"`{self.config.recurrent_mixer}` mixer of the published checkpoints would carry one document's state "
+                "into the next. Pass one document per row (with padding) instead."
+            )
         if use_cache and cache is None and starts is None:
             cache = I3Cache(self.config)
         if position_ids is None:

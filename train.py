@@ -47,10 +47,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer, GenerationConfig, default_data_collator, get_scheduler
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from i3.configuration_i3 import I3Config
-from i3.model_card import write_model_card
-from i3.modeling_i3 import I3ForCausalLM, I3LowRankLinear
-from i3.tokenization_i3 import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+try:
+    from i3.configuration_i3 import I3Config
+    from i3.model_card import write_model_card
+    from i3.modeling_i3 import I3ForCausalLM, I3LowRankLinear
+    from i3.tokenization_i3 import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+except ModuleNotFoundError as error:  # run from a checkout that was never installed
+    raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -211,6 +214,11 @@ def read_recipe(path: str, argument_names: set[str]) -> dict:
     return recipe
 
 
+def source_flags(args: argparse.Namespace) -> dict:
+    """The data arguments that describe one source (SOURCE_KEYS; `probability` belongs to mixture entries only)."""
+    return {key: getattr(args, key, None) for key in SOURCE_KEYS}
+
+
 def existing_path(path: str, flag: str) -> Path:
     """`path` as given, or relative to the repository (so recipes work from any directory)."""
     for candidate in (Path(path), REPO_ROOT / path):
@@ -219,14 +227,14 @@ def existing_path(path: str, flag: str) -> Path:
     fail(f"{flag} {path!r}: no such file or folder")
 
 
-def data_sources(args) -> list[dict]:
-    """The training mixture as a list of sources with every key of SOURCE_KEYS, from the first data argument given."""
-    flags = {key: getattr(args, key, None) for key in SOURCE_KEYS}
-    if args.train_file or args.dataset_name:
+def data_sources(flags: dict, mixture: list[dict] | None) -> list[dict]:
+    """The training mixture as a list of sources with every key of SOURCE_KEYS: the single source the data `flags`
+    (the SOURCE_KEYS arguments) name, else the `--datasets` mixture, else the Austen novels."""
+    if flags["train_file"] or flags["dataset_name"]:
         sources = [flags]
-    elif args.datasets:
+    elif mixture:
         shared = {key: flags[key] for key in ("train_split", "validation_split", "text_column", "messages_column")}
-        sources = [{**dict.fromkeys(SOURCE_KEYS), **shared, **entry} for entry in args.datasets]
+        sources = [{**dict.fromkeys(SOURCE_KEYS), **shared, **entry} for entry in mixture]
     else:
         novels = sorted(str(path) for path in AUSTEN.glob("*.txt.xz") if path.name != HELD_OUT_NOVEL)
         sources = [{**flags, "train_file": novels, "validation_file": [str(AUSTEN / HELD_OUT_NOVEL)]}]
@@ -394,7 +402,7 @@ def model_config(preset: str, overrides: str | None, block_size: int, separate_d
             config.validate_architecture()
         except ValueError as error:
             fail(f"--config_overrides {overrides!r}: {error}")
-    if separate_documents and config.recurrent_mixer != "i3":
+    if separate_documents and not config.separates_packed_documents:
         fail(f"--separate_documents needs the i3 recurrent mixer; {preset} uses {config.recurrent_mixer!r}, which "
              "cannot drop its state inside a block")
     if config.position_embedding_type == "learned" and block_size > config.max_position_embeddings:
@@ -450,33 +458,16 @@ def parameter_groups(model: nn.Module, decayed: set[str], weight_decay: float) -
             {"params": [p for name, p in parameters if name not in decayed], "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, decayed: set[str], args, num_processes: int):
-    """AdamW with weight decay on the `decayed` parameter names only, and the learning-rate schedule."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, decayed, args.weight_decay), lr=args.learning_rate)
-    # Accelerate steps a prepared scheduler once per process at every optimizer step, hence the factor
-    scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes,
-        scheduler_specific_kwargs={"min_lr_rate": args.min_lr_rate} if "min_lr" in args.lr_scheduler_type else None)
-    return optimizer, scheduler
-
-
-def prepare_model_and_optimizer(model: nn.Module, accelerator: Accelerator, make_optimizer):
-    """The model wrapped for the engine (DDP, FSDP, DeepSpeed), its optimizer and schedule; `make_optimizer(model,
-    decayed_names)` makes the last two.
-
-    FSDP2 and DeepSpeed take the optimizer with the model and map its groups onto the sharded parameters. FSDP1 swaps
-    the parameters for flat shards as it wraps, so the optimizer is built after wrapping, which keeps the decay groups
-    only with `fsdp_use_orig_params: true` (as configs/accelerate/fsdp1.yaml sets)."""
-    decayed = decayed_parameter_names(model)
-    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        if not accelerator.state.fsdp_plugin.use_orig_params:
-            fail("FSDP1 needs fsdp_use_orig_params: true in the accelerate config to keep weight decay off norms and "
-                 "biases (see configs/accelerate/fsdp1.yaml), or use FSDP2 (fsdp_version: 2)")
-        model = accelerator.prepare(model)
-        optimizer, scheduler = accelerator.prepare(*make_optimizer(model, decayed))
-        return model, optimizer, scheduler
-    return accelerator.prepare(model, *make_optimizer(model, decayed))
+def wraps_before_optimizer(accelerator: Accelerator) -> bool:
+    """Whether the model must be wrapped before its optimizer is built: FSDP1 swaps the parameters for flat shards as
+    it wraps, so its optimizer takes the wrapped ones, which keep their names (for the decay groups) only with
+    `fsdp_use_orig_params: true`. FSDP2, DeepSpeed and DDP take the optimizer together with the model."""
+    if accelerator.distributed_type != DistributedType.FSDP or accelerator.is_fsdp2:
+        return False
+    if not accelerator.state.fsdp_plugin.use_orig_params:
+        fail("FSDP1 needs fsdp_use_orig_params: true in the accelerate config to keep weight decay off norms and "
+             "biases (see configs/accelerate/fsdp1.yaml), or use FSDP2 (fsdp_version: 2)")
+    return True
 
 
 def parameters_are_sharded(accelerator: Accelerator) -> bool:
@@ -484,7 +475,8 @@ def parameters_are_sharded(accelerator: Accelerator) -> bool:
     part in each forward, generation included."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return True
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    return is_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 # --- training state, checkpoints ---
@@ -566,13 +558,30 @@ def training_batches(loader: DataLoader, progress: TrainingProgress, accelerator
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
 
-def stop_if_not_finite(loss: torch.Tensor, step: int, checkpoint_dir: Path):
-    """A NaN or infinite loss stops the run before it reaches the weights, pointing at the newest checkpoint."""
-    if not torch.isfinite(loss):
-        newest = latest_checkpoint(checkpoint_dir)
-        advice = f"{newest} is intact: resume from it" if newest else "no checkpoint was written: restart"
-        fail(f"loss is {loss.item()} at step {step}, stopped before updating the weights; {advice} with a lower "
-             "--learning_rate")
+def training_step(model, batch: dict, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float):
+    """One micro-batch: forward and backward, then (at the end of a gradient accumulation) clipping, the optimizer
+    and the schedule. Returns the loss averaged over processes. A loss that is not finite raises FloatingPointError
+    before the backward pass, so it never reaches the weights."""
+    with accelerator.accumulate(model):
+        loss = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["input_ids"],
+                     use_cache=False).loss
+        mean_loss = accelerator.reduce(loss.detach(), "mean")
+        if not torch.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss.item()}")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return mean_loss
+
+
+def stop_on_bad_loss(error: FloatingPointError, step: int, checkpoint_dir: Path):
+    """Stop the run at a NaN or infinite loss, pointing at the newest checkpoint."""
+    newest = latest_checkpoint(checkpoint_dir)
+    advice = f"{newest} is intact: resume from it" if newest else "no checkpoint was written: restart"
+    fail(f"{error} at step {step}, stopped before updating the weights; {advice} with a lower --learning_rate")
 
 
 def record_step(progress, bar, accelerator: Accelerator, loss: float, seconds: float, tokens: int, learning_rate):
@@ -610,7 +619,8 @@ def sample(model, tokenizer, accelerator: Accelerator, prompts: list[str], max_n
     generates, so that sharded weights are gathered by all of them together (`synced_gpus` keeps them stepping in
     lockstep); the main process keeps the texts."""
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        logger.info("no samples: FSDP1 cannot generate from flat-sharded parameters (FSDP2 can)", main_process_only=True)
+        logger.info("no samples: FSDP1 cannot generate from flat-sharded parameters (FSDP2 can)",
+                    main_process_only=True)
         return []
     model = accelerator.unwrap_model(model)
     model.eval()
@@ -744,20 +754,6 @@ def describe_source(source: dict) -> str:
 # --- main ---
 
 
-def thread_count_was_chosen() -> bool:
-    """Whether the user chose the thread count (OMP_NUM_THREADS, or `accelerate launch --num_cpu_threads_per_process`).
-    `accelerate launch` sets OMP_NUM_THREADS=1 for its processes when given neither, so under the launcher its own
-    environment and command line tell the two apart."""
-    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # not started by `accelerate launch`
-        return "OMP_NUM_THREADS" in os.environ
-    try:
-        launcher = psutil.Process().parent()
-        return "OMP_NUM_THREADS" in launcher.environ() or any(
-            argument.startswith("--num_cpu_threads_per_process") for argument in launcher.cmdline())
-    except psutil.Error:  # cannot tell: keep what the launcher chose
-        return True
-
-
 def check_processes_are_connected(accelerator: Accelerator):
     started = int(os.environ.get("WORLD_SIZE", 1))
     if started != accelerator.num_processes:  # e.g. an FSDP or DeepSpeed config on a machine without GPUs
@@ -766,10 +762,23 @@ def check_processes_are_connected(accelerator: Accelerator):
 
 
 def use_all_cores(accelerator: Accelerator) -> str:
-    """One CPU process uses every core it may run on, unless the user chose a thread count; says which it was."""
+    """The thread rule: one CPU process uses every core it may run on, unless the user chose a thread count
+    (OMP_NUM_THREADS, or `accelerate launch --num_cpu_threads_per_process`). `accelerate launch` sets
+    OMP_NUM_THREADS=1 for its processes when given neither, so under the launcher (recognised by the
+    ACCELERATE_DYNAMO_BACKEND it sets) the launcher process's own environment and command line tell the two apart.
+    Returns how the count was chosen, for the log."""
     if accelerator.device.type != "cpu" or accelerator.num_processes > 1:
         return ""
-    if thread_count_was_chosen():
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # not started by `accelerate launch`
+        chosen = "OMP_NUM_THREADS" in os.environ
+    else:
+        try:
+            launcher = psutil.Process().parent()
+            chosen = "OMP_NUM_THREADS" in launcher.environ() or any(
+                argument.startswith("--num_cpu_threads_per_process") for argument in launcher.cmdline())
+        except psutil.Error:  # cannot tell: keep what the launcher chose
+            chosen = True
+    if chosen:
         return " (as set by OMP_NUM_THREADS / --num_cpu_threads_per_process)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cores)
@@ -778,7 +787,7 @@ def use_all_cores(accelerator: Accelerator) -> str:
 
 def main():
     args = parse_args()
-    sources = data_sources(args)
+    sources = data_sources(source_flags(args), args.datasets)
     config = model_config(args.model_config, args.config_overrides, args.block_size, args.separate_documents)
     output_dir, checkpoint_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
 
@@ -814,8 +823,20 @@ def main():
     # model, optimizer, schedule, and where a killed run left off
     model = build_model(config, tokenizer, args.max_new_tokens, args.gradient_checkpointing, args.torch_compile)
     logger.info(f"{model.num_parameters():,} parameters, vocabulary {len(tokenizer):,}", main_process_only=True)
-    model, optimizer, scheduler = prepare_model_and_optimizer(
-        model, accelerator, lambda model, decayed: build_optimizer(model, decayed, args, accelerator.num_processes))
+    decayed = decayed_parameter_names(model)
+    wrap_first = wraps_before_optimizer(accelerator)
+    if wrap_first:
+        model = accelerator.prepare(model)
+    optimizer = torch.optim.AdamW(parameter_groups(model, decayed, args.weight_decay), lr=args.learning_rate)
+    # Accelerate steps a prepared scheduler once per process at every optimizer step, hence the factor
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        scheduler_specific_kwargs={"min_lr_rate": args.min_lr_rate} if "min_lr" in args.lr_scheduler_type else None)
+    if wrap_first:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
@@ -833,17 +854,10 @@ def main():
             if progress.step >= args.max_train_steps:  # a run resumed from its last checkpoint
                 break
             tokens += batch["input_ids"].numel() * accelerator.num_processes
-            with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
-                             labels=batch["input_ids"], use_cache=False).loss
-                losses.append(accelerator.reduce(loss.detach(), "mean"))
-                stop_if_not_finite(losses[-1], progress.step + 1, checkpoint_dir)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+            try:
+                losses.append(training_step(model, batch, optimizer, scheduler, accelerator, args.max_grad_norm))
+            except FloatingPointError as error:
+                stop_on_bad_loss(error, progress.step + 1, checkpoint_dir)
             if not accelerator.sync_gradients:
                 continue
 

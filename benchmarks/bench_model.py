@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from i3.configuration_i3 import I3Config
-from i3.modeling_i3 import I3Cache, I3ForCausalLM, i3_scan_chunked, i3_scan_step
+try:
+    from i3.configuration_i3 import I3Config
+    from i3.modeling_i3 import I3Cache, I3ForCausalLM, i3_scan_chunked, i3_scan_step
+except ModuleNotFoundError as error:  # run from a checkout that was never installed
+    raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

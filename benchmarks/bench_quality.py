@@ -18,6 +18,7 @@ appended to --results as one JSON line and skipped when the benchmark is started
 """
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -31,31 +32,32 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
-from transformers import default_data_collator
-
-from i3.configuration_i3 import I3Config
-from i3.tokenization_i3 import build_tokenizer
-from i3.train import (
-    build_model,
-    data_sources,
-    decayed_parameter_names,
-    encode_documents,
-    evaluate,
-    evaluation_windows,
-    group_texts,
-    load_corpus,
-    parameter_groups,
-    parse_args,
-)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import count_parameters, matching_llama
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from transformers import default_data_collator, get_scheduler
+
+try:
+    from i3.configuration_i3 import I3Config
+    from i3.tokenization_i3 import build_tokenizer
+    from i3.train import (
+        build_model,
+        data_sources,
+        decayed_parameter_names,
+        encode_documents,
+        evaluate,
+        evaluation_windows,
+        group_texts,
+        load_corpus,
+        parameter_groups,
+        parse_args,
+        source_flags,
+        training_step,
+    )
+except ModuleNotFoundError as error:  # run from a checkout that was never installed
+    raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPE = parse_args([])  # train.py's defaults: the recipe every run follows, its schedule put on CPU time
-TOKENS_PER_STEP = RECIPE.per_device_train_batch_size * RECIPE.block_size
-WARMUP_FRACTION = RECIPE.num_warmup_steps / RECIPE.max_train_steps
 
 ALL_RECURRENT = ["linear_attention"] * 6
 COMPARISON = {  # name -> what is trained: an i3 preset change, or the Llama matched to the preset
@@ -82,6 +84,16 @@ ABLATIONS = {  # each a change of that design; "freeze_token_shift" holds the to
     "SwiGLU feed-forward, equal parameters": {"gated_mlp": True, "hidden_act": "silu", "intermediate_size": 683},
     "Llama": {"llama": True},
 }
+
+
+@functools.cache
+def recipe():
+    """train.py's defaults: the recipe every run follows, its schedule put on CPU time."""
+    return parse_args([])
+
+
+def tokens_per_step() -> int:
+    return recipe().per_device_train_batch_size * recipe().block_size
 
 
 # --- data, prepared once in the main process ---
@@ -119,9 +131,9 @@ def first_bytes(documents: list[str], limit: int) -> list[str]:
 def prepare_data(blocks: list[int], eval_bytes: int):
     """The tokenizer, the training blocks at each block size, and the held-out windows and their UTF-8 bytes (the
     first `eval_bytes` of each held-out text)."""
-    train_documents, held_out = load_corpus(data_sources(RECIPE), streaming=False, render_chat=None, seed=0,
-                                            max_eval_documents=None)
-    tokenizer = build_tokenizer(RECIPE.tokenizer_type, train_documents, RECIPE.vocab_size)
+    train_documents, held_out = load_corpus(data_sources(source_flags(recipe()), None), streaming=False,
+                                            render_chat=None, seed=0, max_eval_documents=None)
+    tokenizer = build_tokenizer(recipe().tokenizer_type, train_documents, recipe().vocab_size)
     ids = encode_documents(tokenizer, list(train_documents["text"]))
     training = {size: torch.tensor(group_texts({"input_ids": ids}, size)["input_ids"]) for size in blocks}
     texts = {"Persuasion": [row["text"] for documents in held_out for row in documents], **out_of_domain_texts()}
@@ -157,46 +169,46 @@ def build(spec: dict, tokenizer):
     return i3
 
 
-def learning_rate(progress: float) -> float:
-    """train.py's warm-up + cosine-to-min schedule as a function of the fraction of the budget spent."""
-    if progress < WARMUP_FRACTION:
-        return RECIPE.learning_rate * progress / WARMUP_FRACTION
-    cosine = 0.5 * (1 + math.cos(math.pi * (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION)))
-    return RECIPE.learning_rate * (RECIPE.min_lr_rate + (1 - RECIPE.min_lr_rate) * cosine)
+def cpu_time_schedule(optimizer, budget: float, start: float) -> LambdaLR:
+    """train.py's schedule (transformers' `lr_scheduler_type` of the recipe) read off the CPU seconds spent since
+    `start` instead of the step count: its steps are milliseconds of a `budget`-second run."""
+    milliseconds = int(budget * 1000)
+    by_step = get_scheduler(
+        recipe().lr_scheduler_type, optimizer, num_training_steps=milliseconds,
+        num_warmup_steps=round(milliseconds * recipe().num_warmup_steps / recipe().max_train_steps),
+        scheduler_specific_kwargs={"min_lr_rate": recipe().min_lr_rate})
+    return LambdaLR(optimizer, lambda _: by_step.lr_lambdas[0](int((time.process_time() - start) * 1000)))
 
 
 def run(job: dict, tokenizer, blocks: torch.Tensor, held_out: dict, threads: int) -> dict:
-    """Train one model for `budget` CPU seconds and score it on every held-out text."""
+    """Train one model for `budget` CPU seconds with train.py's step and score it on every held-out text."""
     torch.set_num_threads(threads)
     torch.manual_seed(job["seed"])
     model = build(job["spec"], tokenizer)
     model.train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, decayed_parameter_names(model), RECIPE.weight_decay))
-    batch_size = TOKENS_PER_STEP // blocks.shape[1]
+    accelerator = Accelerator(cpu=True)
+    parameters = parameter_groups(model, decayed_parameter_names(model), recipe().weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=recipe().learning_rate)
+    batch_size = tokens_per_step() // blocks.shape[1]
     order = torch.Generator().manual_seed(job["seed"])
     queue, steps, losses = torch.empty(0, dtype=torch.long), 0, []
     start = time.process_time()
-    while (spent := time.process_time() - start) < job["budget"]:
+    scheduler = cpu_time_schedule(optimizer, job["budget"], start)
+    while time.process_time() - start < job["budget"]:
         if len(queue) < batch_size:  # the next epoch, in the seed's order
             queue = torch.cat([queue, torch.randperm(len(blocks), generator=order)])
         batch, queue = blocks[queue[:batch_size]], queue[batch_size:]
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(spent / job["budget"])
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses.append(training_step(model, {"input_ids": batch}, optimizer, scheduler, accelerator,
+                                    recipe().max_grad_norm).item())
         steps += 1
-        losses.append(loss.item())
     seconds = time.process_time() - start
-    accelerator, start = Accelerator(cpu=True), time.perf_counter()
+    start = time.perf_counter()
     scores = {}
     for name, text in held_out.items():
         loader = DataLoader(text["windows"][blocks.shape[1]], batch_size=16, collate_fn=default_data_collator)
         scores[name] = evaluate(model, loader, accelerator, text["bytes"])["bits_per_byte"]
     return {**{key: job[key] for key in ("model", "block", "seed", "budget")}, "parameters": count_parameters(model),
-            "steps": steps, "cpu_seconds": seconds, "tokens_per_cpu_second": steps * TOKENS_PER_STEP / seconds,
+            "steps": steps, "cpu_seconds": seconds, "tokens_per_cpu_second": steps * tokens_per_step() / seconds,
             "final_train_loss": statistics.mean(losses[-20:]), "bits_per_byte": scores,
             "evaluation_seconds": time.perf_counter() - start}
 

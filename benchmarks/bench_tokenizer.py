@@ -32,7 +32,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from i3.tokenization_i3 import I3Tokenizer, chunk_rule_reference
+try:
+    from i3.tokenization_i3 import I3Tokenizer, chunk_rule_reference
+except ModuleNotFoundError as error:  # run from a checkout that was never installed
+    raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Plain per-step loops typed straight from SPEC.md, the independent references for every scan and mixer.
+"""Plain per-step loops typed straight from docs/design.md, the independent references for every scan and mixer.
 
 Nothing here imports the model code: a reference built from the model's own step function would share its bugs.
 """
@@ -7,7 +7,7 @@ import torch
 
 
 def i3_ssm_loop(u, dt, A_log, B, C, D, initial_state=None):
-    """SPEC 2.1 step 4, one step at a time.
+    """docs/design.md#the-i3-mixer step 4, one step at a time.
 
     u: (b, t, h, p); dt: (b, t, h) after softplus; B, C: (b, t, n); D, A_log: (h).
     Returns y (b, t, h, p) and the final state S (b, h, p, n).
@@ -23,7 +23,8 @@ def i3_ssm_loop(u, dt, A_log, B, C, D, initial_state=None):
 
 
 def open_i3_loop(x, w_mix, A, B, C, D, initial_average=None, initial_state=None):
-    """SPEC 2.2, one step at a time. x: (b, t, d). Returns y (b, t, d), the final h (b, d) and s (b, n)."""
+    """docs/design.md#the-open-i3-mixer, one step at a time. x: (b, t, d). Returns y (b, t, d), the final h (b, d)
+    and s (b, n)."""
     h = torch.zeros_like(x[:, 0]) if initial_average is None else initial_average
     s = torch.zeros(x.shape[0], A.shape[0], dtype=x.dtype) if initial_state is None else initial_state
     ys = []
@@ -35,7 +36,8 @@ def open_i3_loop(x, w_mix, A, B, C, D, initial_average=None, initial_state=None)
 
 
 def wkv4_loop(k, v, time_decay, time_first, initial_state=None):
-    """SPEC 2.3's numerically stable WKV, one step at a time. k, v: (b, t, d); state (b, 3, d) = (aa, bb, pp)."""
+    """The numerically stable WKV (docs/design.md#the-rwkv4-mixer), one step at a time. k, v: (b, t, d); state
+    (b, 3, d) = (aa, bb, pp)."""
     w, u = -torch.exp(time_decay), time_first
     if initial_state is None:
         aa, bb, pp = torch.zeros_like(k[:, 0]), torch.zeros_like(k[:, 0]), torch.full_like(k[:, 0], -1e30)

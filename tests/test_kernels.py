@@ -54,9 +54,9 @@ def stand_ins(monkeypatch):
     for name, module in {"fla": types.ModuleType("fla"), "fla.ops": types.ModuleType("fla.ops"),
                          "fla.ops.simple_gla": simple_gla, "causal_conv1d": conv}.items():
         monkeypatch.setitem(sys.modules, name, module)
-    modeling.installed.cache_clear()
+    modeling.import_optional.cache_clear()
     yield calls
-    modeling.installed.cache_clear()
+    modeling.import_optional.cache_clear()
 
 
 def forward_and_decode(model, ids, attention_mask=None):
@@ -95,8 +95,8 @@ def test_model_through_the_kernels_equals_the_pure_path(stand_ins, monkeypatch, 
 
 
 def test_packed_documents_keep_the_pure_scan(stand_ins, monkeypatch):
-    """A document start's FORGET log-decay needs the exact per-segment sums of the pure scan, so packed rows skip the
-    SSM kernel (the conv's windows are cut by the pure path too)."""
+    """A document start's log-decay (LOG_DECAY_AT_DOCUMENT_START) needs the exact per-segment sums of the pure scan,
+    so packed rows skip the SSM kernel (the conv's windows are cut by the pure path too)."""
     monkeypatch.setattr(modeling, "KERNEL_DEVICES", ("cpu",))
     model = tiny_model()
     ids = torch.randint(4, 99, (1, 10), generator=torch.Generator().manual_seed(1))
@@ -108,7 +108,7 @@ def test_a_missing_kernel_falls_back_to_pure_torch(monkeypatch):
     monkeypatch.setattr(modeling, "KERNEL_DEVICES", ("cpu",))
     for name in ("fla", "fla.ops", "fla.ops.simple_gla", "causal_conv1d"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
-    modeling.installed.cache_clear()
+    modeling.import_optional.cache_clear()
     try:
         model = tiny_model()
         ids = torch.randint(4, 99, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -116,10 +116,10 @@ def test_a_missing_kernel_falls_back_to_pure_torch(monkeypatch):
         monkeypatch.setattr(modeling, "KERNEL_DEVICES", ())
         torch.testing.assert_close(logits, model(ids).logits)
     finally:
-        modeling.installed.cache_clear()
+        modeling.import_optional.cache_clear()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or modeling.installed(*modeling.SSM_KERNEL) is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or modeling.import_optional(*modeling.SSM_KERNEL) is None,
                     reason="needs CUDA and flash-linear-attention")
 def test_real_ssm_kernel_matches_the_chunked_scan():
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -128,7 +128,7 @@ def test_real_ssm_kernel_matches_the_chunked_scan():
     dt = torch.rand(b, t, h, device="cuda", generator=generator) * 0.1
     log_a, B, C = -dt, torch.randn(b, t, n, device="cuda", generator=generator), torch.randn(b, t, n, device="cuda")
     D, state = torch.randn(h, device="cuda"), torch.randn(b, h, p, n, device="cuda")
-    kernel = modeling.installed(*modeling.SSM_KERNEL)
+    kernel = modeling.import_optional(*modeling.SSM_KERNEL)
     y, final = modeling.i3_scan_kernel(kernel, u, dt, log_a, B, C, D, initial_state=state)
     y_ref, final_ref = modeling.i3_scan_chunked(u, dt, log_a, B, C, D, chunk_size=32, initial_state=state)
     torch.testing.assert_close(y, y_ref, atol=2e-3, rtol=2e-3)

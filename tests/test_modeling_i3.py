@@ -130,7 +130,8 @@ def test_learned_positions_refuse_too_long_inputs():
 
 
 def test_meta_device_load_reinitialises_custom_parameters(tmp_path):
-    """A checkpoint missing A_log / dt_bias / D loads with them initialised as SPEC 2.1 says, not left empty."""
+    """A checkpoint missing A_log / dt_bias / D loads with them initialised as docs/design.md#the-i3-mixer says, not
+    left empty."""
     model = tiny_model()
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file, save_file

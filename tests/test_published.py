@@ -1,5 +1,6 @@
 """Published i3 checkpoints: the converter reproduces the original code's logits, the presets have the published
-sizes, and anything that is not an open-i3 checkpoint is refused without writing (SPEC 1, 2.2, 2.3, 2.6, 5)."""
+sizes, and anything that is not an open-i3 checkpoint is refused without writing (docs/design.md#the-family and
+#fixtures)."""
 
 import json
 import subprocess
@@ -110,14 +111,16 @@ def meta_parameter_count(config) -> int:
     "preset, published", [("i3-80m-open", 76_861_160), ("i3-200m", 169_847_552), ("i3-ethan-base", 170_437_376)]
 )
 def test_preset_has_the_published_parameter_count(preset, published):
-    """Loaded as the README shows, the presets of the published code have its exact parameter counts (SPEC 1)."""
+    """Loaded as the README shows, the presets of the published code have its exact parameter counts
+    (docs/design.md#the-family)."""
     config = AutoConfig.from_pretrained(REPO_ROOT, subfolder=f"configs/{preset}", trust_remote_code=True)
     assert meta_parameter_count(config) == published
 
 
 @pytest.mark.parametrize("vocab_size", [35_560, 41_320])
 def test_i3_80m_count_is_1025_v_plus_a_constant(vocab_size):
-    """The i3-80M layout has 1025 * V + 40,412,160 parameters; V = 41,320 gives the card's 82,765,160 (SPEC 1)."""
+    """The i3-80M layout has 1025 * V + 40,412,160 parameters; V = 41,320 gives the card's 82,765,160
+    (docs/design.md#the-family)."""
     config = I3Config.from_pretrained(REPO_ROOT / "configs" / "i3-80m-open", vocab_size=vocab_size)
     assert meta_parameter_count(config) == 1025 * vocab_size + 40_412_160
 

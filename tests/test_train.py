@@ -38,7 +38,8 @@ class Workspace:
         write_basic_config(save_location=str(self.accelerate_config))
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "MPLCONFIGDIR": str(root / "mpl"),
                     "TOKENIZERS_PARALLELISM": "false"}
-        self.launch_env = {**self.env, "ACCELERATE_USE_CPU": "true"}  # with --multi_gpu: DDP over gloo (SPEC 7)
+        # with --multi_gpu: DDP over gloo (without CPU mode, --multi_gpu starts processes that never connect)
+        self.launch_env = {**self.env, "ACCELERATE_USE_CPU": "true"}
 
     def args(self, output_dir: Path, *extra: str) -> list[str]:
         return [
@@ -65,7 +66,7 @@ class Workspace:
 def settings(argv: list[str]):
     """What train.main checks before it builds anything: the flags, the data mixture and the model config."""
     args = train.parse_args(argv)
-    sources = train.data_sources(args)
+    sources = train.data_sources(train.source_flags(args), args.datasets)
     return args, sources, train.model_config(args.model_config, args.config_overrides, args.block_size,
                                              args.separate_documents)
 
@@ -446,10 +447,8 @@ def test_optimizer_groups_survive_wrapping():
     assert train.unwrapped_name("module._fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module."
                                 "_checkpoint_wrapped_module.linear_attn.in_proj.weight") == \
         "model.layers.0.linear_attn.in_proj.weight"
-    args = train.parse_args(["--output_dir", "unused-out"])
-    optimizer, _ = train.build_optimizer(model, decayed, args, num_processes=1)
-    decay_group, plain_group = optimizer.param_groups
-    assert decay_group["weight_decay"] == args.weight_decay and plain_group["weight_decay"] == 0
+    decay_group, plain_group = train.parameter_groups(model, decayed, weight_decay=0.1)
+    assert decay_group["weight_decay"] == 0.1 and plain_group["weight_decay"] == 0
     assert {id(p) for p in decay_group["params"]} == {id(p) for n, p in model.named_parameters() if n in expected}
 
 
@@ -479,3 +478,16 @@ def test_separated_documents_get_restarting_positions(workspace, tmp_path):
     tiny_config(recurrent_mixer="open-i3").to_json_file(published)
     with pytest.raises(SystemExit, match="--separate_documents needs the i3 recurrent mixer"):
         settings(workspace.args(tmp_path / "out", "--model_config", str(published), "--separate_documents"))
+
+
+@pytest.mark.parametrize("script", ["train.py", "convert_open_i3.py", "benchmarks/bench_model.py",
+                                    "benchmarks/bench_quality.py", "benchmarks/bench_tokenizer.py"])
+def test_scripts_run_from_a_checkout_that_was_never_installed_say_how_to_install(script, tmp_path):
+    """Without `pip install` the package `i3` is missing: every script stops with one line that gives the command."""
+    path = REPO_ROOT / script  # run as `python path` runs it (its folder first on sys.path), with `i3` unimportable
+    blocked = (f"import sys, runpy; sys.modules['i3'] = None; sys.path.insert(0, {str(path.parent)!r}); "
+               f"runpy.run_path({str(path)!r}, run_name='x')")
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: No module named 'i3") and "pip install -r requirements-dev.txt" in result.stderr
