@@ -57,14 +57,16 @@ class RecurrentStates:
     say). A missing state means the sequence has not started: the mixer starts from zeros.
 
     Rolling back (assisted generation and prompt lookup reject draft tokens): while recording, every update also keeps
-    the state after each token, so `roll_back(n)` can restore the state from n tokens ago."""
+    the state after each token, so `roll_back(n)` can restore the state from n tokens ago. `in_place` states (those of
+    static caches) keep their first buffers and are overwritten, so that a compiled decoding step reads and writes the
+    same memory at every token."""
 
     is_sliding = False
-    is_compileable = False
     supports_early_init = False
     is_initialized = True
 
-    def __init__(self):
+    def __init__(self, in_place: bool = False):
+        self.in_place = in_place
         self.states: dict[str, torch.Tensor] = {}
         self.history: dict[str, list[torch.Tensor | None]] | None = None  # per name, oldest first; None: not recording
         self.tokens_to_keep: int | None = None
@@ -76,6 +78,10 @@ class RecurrentStates:
     @property
     def is_croppable(self) -> bool:
         return self.recording
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.in_place and not self.recording
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.states.get(name)
@@ -90,7 +96,11 @@ class RecurrentStates:
             history.extend(per_token.unbind(0))
             if self.tokens_to_keep is not None:
                 del history[: -self.tokens_to_keep - 1]
-        self.states[name] = state
+        buffer = self.states.get(name)
+        if self.in_place and not self.recording and buffer is not None and buffer.shape == state.shape:
+            buffer.copy_(state)
+        else:
+            self.states[name] = state
 
     def start_recording(self, tokens_to_keep: int | None):
         self.history = {name: [state] for name, state in self.states.items()}
@@ -153,14 +163,18 @@ class I3Cache(Cache):
     `generate` and `use_cache=True` create one; pass one yourself as `cache=I3Cache(model.config)`."""
 
     def __init__(self, config: I3Config, max_cache_len: int | None = None):
+        static = max_cache_len is not None
+
         def layer_cache(layer_type: str):
             if layer_type != "full_attention":
-                return RecurrentStates()
-            return DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len=max_cache_len)
+                return RecurrentStates(in_place=static)
+            return StaticLayer(max_cache_len=max_cache_len) if static else DynamicLayer()
 
         super().__init__(layers=[layer_cache(layer_type) for layer_type in config.layer_types])
         self.max_cache_len = max_cache_len
-        self.seen_tokens = 0  # added by `I3Model.forward` after each forward
+        # tokens seen, counted by `I3Model.forward`; a static cache counts in a tensor, updated in place, so that a
+        # compiled step reads it as data rather than recompiling for every new value
+        self.seen_tokens = torch.tensor(0) if static else 0
 
     def recurrent_states(self, layer_idx: int) -> RecurrentStates:
         return self.layers[layer_idx]
@@ -169,8 +183,14 @@ class I3Cache(Cache):
     def recording(self) -> bool:
         return any(layer.recording for layer in self.layers if isinstance(layer, RecurrentStates))
 
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+    def get_seq_length(self, layer_idx: int | None = 0) -> int | torch.Tensor:
         return self.seen_tokens
+
+    def count(self, tokens: int):
+        if isinstance(self.seen_tokens, torch.Tensor):
+            self.seen_tokens.add_(tokens)
+        else:
+            self.seen_tokens += tokens
 
     def get_mask_sizes(self, query_length: int, layer_idx: int | None = 0) -> tuple[int, int]:
         """(keys length, offset) of the attention masks: the static length, or the tokens seen plus the new ones."""
@@ -198,11 +218,18 @@ class I3Cache(Cache):
                 layer.roll_back(-tokens_to_remove)
             elif tokens_to_remove:
                 layer.crop(tokens_to_remove)
-        self.seen_tokens += tokens_to_remove
+        self.count(tokens_to_remove)
 
     def reset(self):
         super().reset()
-        self.seen_tokens = 0
+        if self.max_cache_len is not None:
+            self.seen_tokens.zero_()
+        else:
+            self.seen_tokens = 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.max_cache_len is not None and super().is_compileable
 
 
 # --- small pieces ---
@@ -1179,12 +1206,15 @@ class I3Model(I3PreTrainedModel):
                 **kwargs,
             )
         if cache is not None:
-            cache.seen_tokens += seq_len
+            cache.count(seq_len)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
     def check_learned_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """Learned positions end at `max_position_embeddings`: past it there is no embedding, so refuse clearly."""
+        """Learned positions end at `max_position_embeddings`: past it there is no embedding, so refuse clearly (in
+        eager mode: a compiled graph keeps no data-dependent branch, and the embedding lookup fails there)."""
+        if torch.compiler.is_compiling():
+            return position_ids
         last_position = int(position_ids.max())
         if last_position >= self.config.max_position_embeddings:
             raise ValueError(

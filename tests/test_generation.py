@@ -178,6 +178,51 @@ def test_static_cache_and_embeddings_prompts():
     assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=6, **GREEDY), reference[:, 7:])
 
 
+def counting_backend(graphs: list):
+    """A torch.compile backend that runs each graph as it is and keeps it, so a test can count compilations."""
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    return backend
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compiled_decoding_with_a_static_cache_is_greedy_and_never_recompiles(layout):
+    """`torch.compile(model.forward, fullgraph=True)` with `cache_implementation="static"`, as transformers' docs do it
+    for Llama, gives the argmax loop's tokens with one graph for the prefill and one for every decoding step; a
+    second `generate` of the same batch and length compiles nothing: the recurrent states and the token count are
+    buffers updated in place."""
+    model = layout_model(layout)
+    prompt = random_ids(2, 7)
+    reference = argmax_loop(model, prompt, 8)
+    graphs = []
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend=counting_backend(graphs), fullgraph=True)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, cache_implementation="static", **GREEDY), reference)
+    assert len(graphs) == 2
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, cache_implementation="static", **GREEDY), reference)
+    assert len(graphs) == 2
+
+
+@pytest.mark.parametrize("layout", ["i3", "all-recurrent open-i3"])
+def test_transformers_automatic_compiled_decoding_is_greedy(layout):
+    """`generate` compiles the decoding step itself when given a `compile_config` and a static cache (on a CPU only
+    when told to, as transformers' own tests do): the argmax loop's tokens, with one compiled graph."""
+    from transformers import CompileConfig
+
+    model = layout_model(layout)
+    prompt = random_ids(2, 7)
+    reference = argmax_loop(model, prompt, 8)
+    graphs = []
+    compile_config = CompileConfig(fullgraph=True, backend=counting_backend(graphs), mode=None)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    out = model.generate(prompt, max_new_tokens=8, cache_implementation="static", compile_config=compile_config,
+                         **GREEDY)
+    assert torch.equal(out, reference)
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize("layout", ["i3", "rwkv4"])
 def test_compiled_forward_equals_eager(layout):
     """`torch.compile` of the model gives the eager logits, padded batch included."""
