@@ -221,11 +221,11 @@ class I3Tokenizer(PreTrainedTokenizer):
     #
     # Why transformers' private `_encode_plus` is overridden: its public hooks encode a batch one text at a time
     # (`tokenize` -> `_tokenize`, `convert_tokens_to_ids`, `prepare_for_model` per text). On the benchmark's paragraphs
-    # in batches of 1000 (benchmarks/bench_tokenizer.py, as `datasets.map` sends them; transformers 5.25) that route
-    # ran 0.34 million characters a second against 11 for this one, and 0.5-0.7 with `_tokenize` answered from the
-    # batch encoded by the engine beforehand (public `__call__` + `_tokenize` only): 16-30 times slower. A call this
-    # route does not fully handle goes the generic way, so a new transformers option costs speed, not correctness;
-    # tests/test_tokenization_i3.py holds both routes equal for every option.
+    # in batches of 1000 (as `datasets.map` sends them; transformers 5.25, 2 shared cores) that route ran 0.3 million
+    # characters a second against 10-13 for this one, about 35 times slower; answering `_tokenize` from the batch
+    # encoded by the engine beforehand (public `__call__` + `_tokenize` only) still ran 0.5-0.7, about 20 times slower.
+    # A call this route does not fully handle goes the generic way, so a new transformers option costs speed, not
+    # correctness; tests/test_tokenization_i3.py holds both routes equal for every option.
 
     def _encode_plus(self, text, text_pair=None, **kwargs) -> BatchEncoding:
         """`tokenizer(text)` as the Python backend runs it, except that plain strings, one or a batch, are encoded

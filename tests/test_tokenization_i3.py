@@ -301,7 +301,7 @@ def test_chat_template_text(root):
         root.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
-def test_repo_root_is_an_exported_tokenizer(root, tmp_path):
+def test_repo_root_is_an_exported_tokenizer(tmp_path):
     """The repo root's tokenizer files are what `apply_export_settings` + `save_pretrained` write for the root model,
     byte for byte: chat_template.jinja is CHAT_TEMPLATE (its one source) written out, not a copy kept by hand."""
     assert (REPO_ROOT / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
@@ -406,6 +406,15 @@ def test_batched_route_is_transformers_route(options, pattern):
         for key in expected:
             assert type(encoded[key]) is type(expected[key])
             assert as_lists(encoded[key]) == as_lists(expected[key])
+
+
+def test_plain_calls_take_the_batched_route(root, monkeypatch):
+    """The calls of `datasets.map` and train.py (strings, one or a batch, with the usual options) never reach the
+    Python backend's text-by-text route, which is many times slower (the comment above `I3Tokenizer._encode_plus`)."""
+    monkeypatch.setattr(PreTrainedTokenizer, "_encode_plus", lambda *args, **kwargs: pytest.fail("generic route"))
+    root(BATCH, add_special_tokens=False)
+    root(BATCH, padding=True, truncation=True, max_length=4, return_tensors="pt")
+    root("The end.", return_tensors="pt")
 
 
 @pytest.mark.skipif("sanitize_control_tokens" not in inspect.signature(PreTrainedTokenizer.apply_chat_template).parameters,
@@ -535,8 +544,8 @@ def test_vocab_needs_re_iterable_texts(tmp_path):
 
 @pytest.mark.parametrize("kind", ["chunk", "bpe"])
 def test_smallest_vocabulary(tmp_path, kind):
-    """MINIMUM_VOCAB_SIZE (the special and byte tokens, the one bound train.py checks too) builds either kind, which
-    still round-trips any text; one token fewer is refused by name."""
+    """MINIMUM_VOCAB_SIZE (the special and byte tokens alone) builds either kind, which still round-trips any text;
+    one token fewer is refused, naming the bound."""
     tokenizer = build_tokenizer(kind, TINY_CORPUS, MINIMUM_VOCAB_SIZE, tmp_path)
     assert len(tokenizer) == MINIMUM_VOCAB_SIZE == 260
     text = "Emma, naïve café 😀\n"
