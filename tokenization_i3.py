@@ -1,8 +1,9 @@
-"""i3 tokenizers: the chunk tokenizer of the i3-80M code (SPEC 4), made lossless, and the i3-200M style byte-level BPE.
+"""i3 tokenizers: the chunk tokenizer of the published i3-80M code, made lossless, and an i3-200M style byte-level BPE.
 
-The chunk rule (SPEC 4, the original exactly) is written once, in plain Python: `chunk_rule_reference` below. The
-tokenizer runs it through a numpy engine, the same rule made fast (section "the chunk rule made fast"); the tests
-show the two equal on generated text in both modes, and the published fixtures check both against the original.
+Design notes: docs/design.md#tokenizers. The chunk rule is the i3-80M code's, exactly: at position p a chunk is 3
+characters when `text[p:p+3]` is one of 28 common trigrams, or `text[p-1]` is a space, or `text[p+3]` is a space, and
+2 otherwise; a chunk missing from the vocabulary falls back to its longest known prefix. It is written once, in plain
+Python: `chunk_rule_reference` below.
 
 Two modes, one rule:
 - default (lossless): case is kept, and an unknown character becomes the `<0xNN>` tokens of its UTF-8 bytes, so
@@ -15,11 +16,15 @@ Two modes, one rule:
 As in every transformers tokenizer, special tokens written in a text (`<eos>` in a chat) are matched before chunking
 (`split_special_tokens=True` turns that off); nothing is added around a text when encoding.
 
-The engine serves `tokenizer(batch)` as `datasets.map(batched=True)` calls it, single texts, and `split_chunks`, which
-the vocabulary builder counts from; transformers' own `prepare_for_model` and `pad` do truncation and padding.
+This file reads top to bottom as the definition, then the speed: the rule, the byte fallback, `I3Tokenizer` (the
+transformers interface), vocabulary files and building, `build_tokenizer` and `apply_export_settings` come first.
+The last section is the engine: `chunk_rule_reference` computed for many texts at once with numpy, exactly the same
+chunks, several times faster (benchmarks/bench_tokenizer.py measures it). The tests hold the engine equal to the
+reference on generated text in both modes, and the published fixtures check both against the original tokenizer.
 
-Entry points: `I3Tokenizer.from_open_i3_vocab(path)` (the converter), `build_chunk_vocab(texts, vocab_size)` and
-`build_tokenizer(kind, texts, vocab_size)` with kind "chunk" or "bpe" (the training script).
+Entry points: `I3Tokenizer.from_open_i3_vocab(path)` (the converter), `build_chunk_vocab(texts, vocab_size)`,
+`build_tokenizer(kind, texts, vocab_size)` with kind "chunk" or "bpe" and `MINIMUM_VOCAB_SIZE` (the training script),
+and `apply_export_settings(tokenizer, config)` before saving a tokenizer next to a model (both).
 """
 
 import hashlib
@@ -43,6 +48,8 @@ from transformers.tokenization_utils_base import (
     TruncationStrategy,
 )
 
+# --- the chunk rule ---
+
 # The 28 trigrams of the i3-80M code, in its order.
 TRIGRAMS = (
     "the", "and", "ing", "ion", "tio", "for", "tha", "ter", "hat", "his", "ere", "ent", "her", "was",
@@ -52,7 +59,7 @@ TRIGRAM_SET = frozenset(TRIGRAMS)
 
 
 def chunk_rule_reference(text: str, vocab: Container[str] | None = None) -> list[str]:
-    """SPEC 4's chunks of `text`, one position at a time: the definition the numpy engine makes fast.
+    """The chunks of `text`, one position at a time: the definition that the engine (last section) makes fast.
 
     At position p the chunk is 3 characters when `text[p:p+3]` is one of the 28 trigrams, or `text[p-1]` is a space,
     or `text[p+3]` is a space (so 3 characters must be left, and a 4th for the last test); otherwise 2, or 1 when one
@@ -76,17 +83,44 @@ def chunk_rule_reference(text: str, vocab: Container[str] | None = None) -> list
     return chunks
 
 
+def split_chunks(text: str) -> list[str]:
+    """The rule's chunks of `text`, with no vocabulary (so no fallback): what a vocabulary is counted from. Computed
+    by the engine, equal to `chunk_rule_reference(text)`."""
+    return _split_texts([text])
+
+
+# --- tokens, byte fallback, chat templates ---
+
 OPEN_I3 = "open-i3"
 SPECIAL_TOKENS = {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 OPEN_I3_SPECIAL_TOKENS = {"unk_token": "<UNK>"}  # the published vocabularies have no pad, bos or eos
 BYTE_TOKENS = tuple(f"<0x{value:02X}>" for value in range(256))
+# The smallest i3 vocabulary, for either kind: the special and byte tokens alone still encode every text, as bytes.
+MINIMUM_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
 VOCAB_FILE_NAME = "vocab.json"
-# `tokenizer(...)` options that transformers' `prepare_for_model` applies to each text
-PER_TEXT_OPTIONS = ("add_special_tokens", "max_length", "stride", "return_token_type_ids", "return_special_tokens_mask",
-                    "return_length", "verbose")  # fmt: skip
 
-# "Role: content" lines; an assistant turn ends with eos so generation stops there. The generation prompt has no
-# trailing space because chunks (and byte-level BPE words) carry their leading space.
+# i3 tokenizers pad on the left: the published recurrent mixers (`open-i3`, `rwkv4`) refuse right padding when a cache
+# is kept, and with left padding a batch of prompts generates exactly what each prompt generates alone.
+PADDING_SIDE = "left"
+# What I3Tokenizer and the BPE of `build_tokenizer` set unless told otherwise (any clean-up of spaces would break the
+# round trip); `apply_export_settings` gives the padding side to any tokenizer exported with a model.
+TOKENIZER_DEFAULTS = {"padding_side": PADDING_SIDE, "clean_up_tokenization_spaces": False}
+
+
+def _bytes_to_text(data: bytes) -> str:
+    """UTF-8 letting lone surrogates through (they round-trip); invalid runs, only in generated ids, get U+FFFD."""
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace")
+
+
+# The i3 chat template: "Role: content" lines; an assistant turn ends with eos so generation stops there. The
+# generation prompt has no trailing space because chunks (and byte-level BPE words) carry their leading space.
+# This string is the template's one source. `save_pretrained` writes it to chat_template.jinja (the repo root's file is
+# that output, checked by a test), and transformers reads that file back when it loads a folder. It is kept here, not
+# read from the .jinja file, because a tokenizer built in code needs it too, and transformers copies remote code into
+# its modules cache one .py file at a time, without the files beside it (nor does a package install carry them).
 CHAT_TEMPLATE = """\
 {%- for message in messages %}
     {%- if message['role'] not in ['system', 'user', 'assistant'] %}
@@ -114,11 +148,343 @@ OPEN_I3_CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
+# `tokenizer(...)` options that transformers' `prepare_for_model` applies to each text
+PER_TEXT_OPTIONS = ("add_special_tokens", "max_length", "stride", "return_token_type_ids", "return_special_tokens_mask",
+                    "return_length", "verbose")  # fmt: skip
+# and those I3Tokenizer's batched route applies to the whole batch. A call that sets any other option (a text pair,
+# pre-split words, offsets, overflowing tokens, `sanitize_control_tokens` of a chat, or one a later transformers adds)
+# goes the generic way.
+BATCH_OPTIONS = ("padding_strategy", "truncation_strategy", "pad_to_multiple_of", "padding_side",
+                 "return_attention_mask", "return_tensors", "split_special_tokens")  # fmt: skip
 
-# --- the chunk rule made fast: `chunk_rule_reference` over a group of texts at once, in numpy ---
+
+class I3Tokenizer(PreTrainedTokenizer):
+    """The i3 chunk tokenizer: lossless by default, or the published ids with `compat="open-i3"` (module docstring).
+
+    Plain strings, one or a batch (what `datasets.map(batched=True)` sends), are encoded together by the engine, then
+    handed to transformers' `prepare_for_model` and `pad`; pairs and pre-split words take the generic Python-backend
+    route through `_tokenize`. Both give the same ids.
+    """
+
+    vocab_files_names = {"vocab_file": VOCAB_FILE_NAME}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file: str, compat: str | None = None, **kwargs):
+        if compat not in (None, OPEN_I3):
+            raise ValueError(f"compat must be None (lossless i3) or {OPEN_I3!r}, not {compat!r}")
+        self.compat = compat
+        self._vocab = read_vocab(vocab_file, compat)  # before super().__init__, which asks for the vocabulary
+        self._tokens = sorted(self._vocab, key=self._vocab.__getitem__)
+        self._byte_values = {} if compat else {token: value for value, token in enumerate(BYTE_TOKENS)}
+        self._engine = ChunkEngine(self._vocab, None if compat else [self._vocab[token] for token in BYTE_TOKENS])
+        defaults = {**(OPEN_I3_SPECIAL_TOKENS if compat else SPECIAL_TOKENS), **TOKENIZER_DEFAULTS,
+                    "chat_template": OPEN_I3_CHAT_TEMPLATE if compat else CHAT_TEMPLATE}  # fmt: skip
+        super().__init__(compat=compat, **{**defaults, **kwargs})
+
+    @classmethod
+    def from_open_i3_vocab(cls, vocab_file: str | os.PathLike, **kwargs) -> "I3Tokenizer":
+        """The published tokenizer from its `chunk_vocab_combined.json`: same ids, same decoded text; `save_pretrained`
+        keeps the mode (`"compat": "open-i3"` in tokenizer_config.json)."""
+        return cls(str(vocab_file), compat=OPEN_I3, **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**self._vocab, **self.get_added_vocab()}
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return list(map(self._tokens.__getitem__, self._encode_chunks([text])[0]))
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self._vocab.get(token, self.unk_token_id)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if not 0 <= index < len(self._tokens):
+            raise ValueError(f"token id {index} is outside the vocabulary (ids 0-{len(self._tokens) - 1})")
+        return self._tokens[index]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Concatenation, except that each run of byte tokens is decoded together (a character spans 1-4 bytes)."""
+        return "".join(
+            _bytes_to_text(bytes(map(self._byte_values.__getitem__, run))) if is_bytes else "".join(run)
+            for is_bytes, run in groupby(tokens, key=self._byte_values.__contains__)
+        )
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        path = Path(save_directory) / f"{filename_prefix + '-' if filename_prefix else ''}{VOCAB_FILE_NAME}"
+        path.write_text(_vocab_json(self._vocab), encoding="utf-8")
+        return (str(path),)
+
+    # --- the batched route: a batch of plain strings through the engine at once ---
+    #
+    # Why transformers' private `_encode_plus` is overridden: its public hooks encode a batch one text at a time
+    # (`tokenize` -> `_tokenize`, `convert_tokens_to_ids`, `prepare_for_model` per text). On the benchmark's paragraphs
+    # in batches of 1000 (as `datasets.map` sends them; transformers 5.25, 2 shared cores) that route ran 0.3 million
+    # characters a second against 10-13 for this one, about 35 times slower; answering `_tokenize` from the batch
+    # encoded by the engine beforehand (public `__call__` + `_tokenize` only) still ran 0.5-0.7, about 20 times slower.
+    # A call this route does not fully handle goes the generic way, so a new transformers option costs speed, not
+    # correctness; tests/test_tokenization_i3.py holds both routes equal for every option.
+
+    def _encode_plus(self, text, text_pair=None, **kwargs) -> BatchEncoding:
+        """`tokenizer(text)` as the Python backend runs it, except that plain strings, one or a batch, are encoded
+        together by the engine. Their ids then take the backend's own route: `prepare_for_model` for each text
+        (truncation, special tokens, extra outputs), then `pad` for the batch."""
+        texts = [text] if isinstance(text, str) else text
+        handled = {*PER_TEXT_OPTIONS, *BATCH_OPTIONS}
+        if (
+            text_pair is not None
+            or not isinstance(texts, (list, tuple))
+            or not set(map(type, texts)) <= {str}
+            or any(value for name, value in kwargs.items() if name not in handled)
+        ):
+            return super()._encode_plus(text, text_pair=text_pair, **kwargs)
+        input_ids = self._encode_with_added_tokens(texts, kwargs.get("split_special_tokens", self.split_special_tokens))
+        per_text = {name: kwargs[name] for name in PER_TEXT_OPTIONS if name in kwargs}
+        per_text["truncation"] = kwargs.get("truncation_strategy", TruncationStrategy.DO_NOT_TRUNCATE).value
+        padding = kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD).value
+        mask, return_tensors = kwargs.get("return_attention_mask"), kwargs.get("return_tensors")
+        if isinstance(text, str):
+            return self.prepare_for_model(
+                input_ids[0], **per_text, padding=padding, pad_to_multiple_of=kwargs.get("pad_to_multiple_of"),
+                padding_side=kwargs.get("padding_side"), return_attention_mask=mask, return_tensors=return_tensors,
+                prepend_batch_axis=True,
+            )  # fmt: skip
+        if self._prepare_changes_nothing(input_ids, per_text):
+            encoded = {"input_ids": input_ids}
+        else:  # as the Python backend does for each text of a batch: no padding or mask until the whole batch is in
+            encoded = {}
+            for ids in input_ids:
+                for key, value in self.prepare_for_model(ids, **per_text, return_attention_mask=False).items():
+                    encoded.setdefault(key, []).append(value)
+        if padding != PaddingStrategy.DO_NOT_PAD:
+            encoded = self.pad(
+                encoded, padding=padding, max_length=per_text.get("max_length"),
+                pad_to_multiple_of=kwargs.get("pad_to_multiple_of"), padding_side=kwargs.get("padding_side"),
+                return_attention_mask=mask,
+            )  # fmt: skip
+        elif mask or (mask is None and "attention_mask" in self.model_input_names):
+            # what pad() adds without padding, minus its call per text (which would cost a tenth of the batch's time)
+            encoded["attention_mask"] = [[1] * len(ids) for ids in encoded["input_ids"]]
+        return BatchEncoding(encoded, tensor_type=return_tensors)
+
+    def _encode_with_added_tokens(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+        """Ids of each text; one holding an added token (`<eos>` in a chat) is split on it by transformers first."""
+        added = self.get_added_vocab()
+        has_added = re.compile("|".join(map(re.escape, added))).search  # `re` caches the compiled pattern
+        if split_special_tokens or not added or not has_added("\n".join(texts)):  # one search for the whole batch;
+            return self._encode_chunks(texts)  # a token found across two texts only costs the search text by text
+        special = [has_added(text) is not None for text in texts]
+        plain = iter(self._encode_chunks([text for text, split in zip(texts, special) if not split]))
+        return [self.convert_tokens_to_ids(self.tokenize(text)) if split else next(plain)
+                for text, split in zip(texts, special)]  # fmt: skip
+
+    def _encode_chunks(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text by the chunk rule alone (no added token matched), computed by the engine."""
+        if self.compat:
+            texts = [text.lower() for text in texts]  # one by one: str.lower's final sigma depends on the neighbours
+        return self._engine.encode(texts, unknown_id=self.unk_token_id)
+
+    def _prepare_changes_nothing(self, input_ids: list[list[int]], per_text: dict) -> bool:
+        """Whether `prepare_for_model(ids, **per_text)` gives every text's ids alone, unchanged: no special token to
+        add, no text to truncate, no extra output asked for."""
+        extras = ("return_token_type_ids", "return_special_tokens_mask", "return_length")
+        max_length = per_text.get("max_length")
+        return (
+            not any(per_text.get(name) for name in extras)
+            and not (per_text.get("add_special_tokens", True) and self.num_special_tokens_to_add())
+            and (per_text["truncation"] == TruncationStrategy.DO_NOT_TRUNCATE or max_length is None
+                 or max(map(len, input_ids), default=0) <= max_length)
+        )  # fmt: skip
+
+
+I3Tokenizer.register_for_auto_class("AutoTokenizer")  # save_pretrained then writes auto_map and copies this file
+
+
+# --- vocabulary files ---
+
+
+def _vocab_json(vocab: dict[str, int]) -> str:
+    """One `"token": id` per line in id order; ASCII escapes keep lone surrogates writable."""
+    return json.dumps(vocab, indent=0, ensure_ascii=True) + "\n"
+
+
+def read_vocab(path: str | os.PathLike, compat: str | None = None) -> dict[str, int]:
+    """Token -> id from an i3 `vocab.json`; with compat="open-i3" also from a published `chunk_vocab_combined.json`.
+
+    Every problem raises naming the file: missing, not JSON, foreign format, ids with gaps, no byte tokens.
+    """
+    if path is None:  # what from_pretrained passes for a folder without vocab.json
+        raise FileNotFoundError(f"I3Tokenizer needs its {VOCAB_FILE_NAME}, and none was given or found")
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"I3Tokenizer vocabulary file not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON vocabulary file ({error})") from None
+    is_open_i3 = isinstance(data, dict) and "chunk_to_idx" in data
+    if is_open_i3 and compat != OPEN_I3:
+        raise ValueError(f"{path} is a published open-i3 chunk vocabulary: load it with I3Tokenizer.from_open_i3_vocab")
+    vocab = data["chunk_to_idx"] if is_open_i3 else data
+    if not isinstance(vocab, dict) or not all(type(i) is int and isinstance(t, str) for t, i in vocab.items()):
+        raise ValueError(f"{path} is not a token -> id JSON object (an i3 vocab.json or open-i3 'chunk_to_idx')")
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"{path}: token ids must be 0..{len(vocab) - 1}, each used once")
+    if compat == OPEN_I3:  # the published file, or its vocab.json after save_pretrained
+        if vocab.get("<UNK>") != 0 or (is_open_i3 and (data.get("unk_token"), data.get("unk_idx")) != ("<UNK>", 0)):
+            raise ValueError(f"{path}: an open-i3 vocabulary has '<UNK>' as id 0")
+    elif not all(token in vocab for token in BYTE_TOKENS):
+        raise ValueError(f"{path}: an i3 vocabulary needs the 256 byte tokens <0x00>..<0xFF> (the lossless fallback)")
+    return vocab
+
+
+# --- building vocabularies from a corpus, cached on disk ---
+
+
+def _iter_texts(texts: Iterable, text_column: str) -> Iterator[str]:
+    """Strings as given, or the `text_column` of dataset rows (a `datasets` IterableDataset yields dicts)."""
+    for item in texts:
+        yield item if isinstance(item, str) else item[text_column]
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "i3"
+
+
+def _cached_build(
+    texts: Iterable, settings: dict, build: Callable[[Iterator[str]], str], cache_dir, text_column: str
+) -> Path:
+    """Path of `build(texts)`'s output, stored under a hash of the texts and settings and reused when it exists.
+
+    The texts are read once to hash them and, only when nothing is cached, once more to build: so they must be a
+    re-iterable collection (a list, `dataset["text"]`, a `datasets` Dataset or IterableDataset), not a generator.
+    """
+    if iter(texts) is texts:
+        raise TypeError(
+            "texts must be re-iterable (read once to hash, once to build): pass a list, dataset['text'] or a "
+            "datasets (Iterable)Dataset, not a generator or iterator"
+        )
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for text in _iter_texts(texts, text_column):
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little") + data)  # the length keeps ["ab", "c"] apart from ["a", "bc"]
+    name = f"{settings['kind']}-{settings['vocab_size']}-{digest.hexdigest()[:16]}.json"
+    path = Path(cache_dir or _default_cache_dir()) / name
+    if not path.exists():
+        content = build(_iter_texts(texts, text_column))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_text(content, encoding="utf-8")
+        os.replace(partial, path)  # atomic: a concurrent reader sees no file or the whole file
+    return path
+
+
+def _check_vocab_size(vocab_size: int):
+    if vocab_size < MINIMUM_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be at least {MINIMUM_VOCAB_SIZE} (the special and byte tokens): {vocab_size}"
+        )
+
+
+def build_chunk_vocab(
+    texts: Iterable, vocab_size: int, cache_dir: str | os.PathLike | None = None, text_column: str = "text"
+) -> Path:
+    """Builds (or reuses) a lossless i3 chunk vocabulary of `vocab_size` tokens and returns its `vocab.json` path.
+
+    Layout: the 4 special tokens, the 256 byte tokens, then the most frequent chunks (ties by string), streaming over
+    the texts with only the chunk counts in memory. Single ASCII characters are left to the byte tokens. If the corpus
+    has fewer distinct chunks than fit, the vocabulary is smaller than asked and a warning says so: build the model
+    with `len(tokenizer)`. Same texts and size give a byte-identical file. Cache: `cache_dir`, default ~/.cache/i3.
+    """
+    _check_vocab_size(vocab_size)
+    room = vocab_size - MINIMUM_VOCAB_SIZE
+
+    def build(strings: Iterator[str]) -> str:
+        counts = Counter()
+        for group in _groups(strings, GROUP_CHARACTERS):  # numpy calls cost per call: cut whole groups
+            counts.update(_split_texts(group))
+        chunks = sorted((c for c in counts if len(c) > 1 or not c.isascii()), key=lambda c: (-counts[c], c))
+        if len(chunks) < room:
+            warnings.warn(
+                f"the corpus has {len(chunks)} distinct chunks, fewer than the {room} that vocab_size={vocab_size} "
+                f"leaves room for: the vocabulary has {len(chunks) + vocab_size - room} tokens",
+                stacklevel=2,
+            )
+        tokens = [*SPECIAL_TOKENS.values(), *BYTE_TOKENS, *chunks[:room]]
+        return _vocab_json({token: index for index, token in enumerate(tokens)})
+
+    settings = {"kind": "chunk", "vocab_size": vocab_size, "rule": "i3-80M chunks", "trigrams": TRIGRAMS, "format": 1}
+    return _cached_build(texts, settings, build, cache_dir, text_column)
+
+
+# --- byte-level BPE (i3-200M style) and the one entry point for training scripts ---
+
+
+def _train_bpe(strings: Iterator[str], vocab_size: int) -> str:
+    """A `tokenizers` byte-level BPE of `vocab_size` tokens with the i3 special tokens as ids 0-3, as tokenizer.json."""
+    tokenizer = Tokenizer(models.BPE())  # every byte is in the initial alphabet, so no token is ever unknown
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(strings, trainer)
+    if tokenizer.get_vocab_size() < vocab_size:
+        warnings.warn(
+            f"the corpus ran out of BPE merges: {tokenizer.get_vocab_size()} tokens instead of {vocab_size}",
+            stacklevel=2,
+        )
+    return tokenizer.to_str(pretty=True)
+
+
+def build_tokenizer(
+    kind: str, texts: Iterable, vocab_size: int, cache_dir: str | os.PathLike | None = None, text_column: str = "text"
+) -> PreTrainedTokenizerBase:
+    """A tokenizer of `kind` "chunk" (`I3Tokenizer`, lossless) or "bpe" (`PreTrainedTokenizerFast`, byte-level),
+    trained on `texts` (re-iterable; see `build_chunk_vocab`) or reused from the cache. Both have `<unk>` 0, `<pad>` 1,
+    `<bos>` 2, `<eos>` 3, the i3 chat template, and add no special tokens when encoding. Both round-trip any valid
+    Unicode text; the BPE (Rust) one refuses strings with lone surrogates, which the chunk one round-trips."""
+    _check_vocab_size(vocab_size)
+    if kind == "chunk":
+        return I3Tokenizer(str(build_chunk_vocab(texts, vocab_size, cache_dir, text_column)))
+    if kind == "bpe":
+        settings = {"kind": "bpe", "vocab_size": vocab_size, "tokenizers": tokenizers.__version__, "format": 1}
+        path = _cached_build(texts, settings, lambda strings: _train_bpe(strings, vocab_size), cache_dir, text_column)
+        return PreTrainedTokenizerFast(
+            tokenizer_file=str(path), chat_template=CHAT_TEMPLATE, **TOKENIZER_DEFAULTS, **SPECIAL_TOKENS
+        )
+    raise ValueError(f'kind must be "chunk" or "bpe", not {kind!r}')
+
+
+# --- exporting a tokenizer with a model ---
+
+
+def apply_export_settings(tokenizer: PreTrainedTokenizerBase, config) -> PreTrainedTokenizerBase:
+    """Gives `tokenizer` (any kind, changed in place and returned) the settings of every folder exported with an i3
+    model, before `save_pretrained`: left padding (`PADDING_SIDE`); a chat template, the i3 one unless it has its own
+    (as the open-i3 one of a published vocabulary); and, when `config.position_embedding_type == "learned"`,
+    `model_max_length = config.max_position_embeddings`, so that `truncation=True` stops at the last position."""
+    tokenizer.padding_side = PADDING_SIDE
+    tokenizer.init_kwargs["padding_side"] = PADDING_SIDE  # save_pretrained writes the init arguments it was given
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if config.position_embedding_type == "learned":
+        tokenizer.model_max_length = config.max_position_embeddings
+    return tokenizer
+
+
+# ======================================================================================================================
+# The engine: `chunk_rule_reference` for many texts at once, in numpy
 #
-# The reference walks one chunk at a time in Python (about 4 million characters a second). The engine computes the
-# same chunks with a handful of numpy calls per group of texts, each step over every position at once:
+# Everything below computes exactly what `chunk_rule_reference` computes, with the vocabulary's fallback and, in
+# lossless mode, the byte tokens; the tests hold the two equal on generated text in both modes. It exists for speed
+# alone: the reference walks one chunk at a time in Python, the engine makes a handful of numpy calls per group of
+# texts, each over every position at once:
 #   1. Number the characters (`ChunkVocabulary.number`): the texts are joined, and bytes.translate (or a table of
 #      all code points) turns each character into a small number, 1-27 for the rule's letters and space.
 #   2. The rule's length at every position (`_rule_lengths`): its three tests are array comparisons, the trigrams one
@@ -128,8 +494,9 @@ OPEN_I3_CHAT_TEMPLATE = """\
 #   4. The vocabulary is looked up only along that chain, by a hash table of packed keys (`ChunkVocabulary`).
 #   5. Where it cuts a chunk short, the real chain leaves the rule's chain for a few chunks: these detours are found by
 #      the same scan in a window after each cut and put into the chain (`_chunk_group`).
-#   6. Lossless mode: each unknown character becomes its UTF-8 byte tokens (`I3Tokenizer._with_byte_tokens`).
+#   6. Lossless mode: each unknown character becomes its UTF-8 byte tokens (`ChunkEngine._with_byte_tokens`).
 #   7. Ids become each text's Python list by slicing one array of ready-made int objects (no int is made per token).
+# ======================================================================================================================
 
 LOOK_AHEAD = 3  # the rule reads text[p+3]; this many NULs after the joined texts keep every read inside the array
 GROUP_CHARACTERS = 2**17  # texts encoded together: arrays this long stay in cache (15% faster than 3 times longer)
@@ -276,7 +643,7 @@ def _text_edges(starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _rule_lengths(numbers: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """SPEC 4's chunk length at every position of the joined texts, (n,) uint8 in 1-3, before any vocabulary fallback.
+    """The rule's chunk length at every position of the joined texts, (n,) uint8 in 1-3, before any vocabulary fallback.
 
     `numbers`: the characters as a ChunkVocabulary numbers them, (n + LOOK_AHEAD,). The rules are first applied as if
     the group were one text, then redone at each text's edges, where they may only read the text itself.
@@ -531,216 +898,35 @@ def _split_texts(texts: list[str]) -> list[str]:
     return [joined[start:end] for start, end in pairwise(bounds)]
 
 
-def split_chunks(text: str) -> list[str]:
-    """The rule's chunks of `text`, with no vocabulary (so no fallback): what a vocabulary is counted from."""
-    return _split_texts([text])
+class ChunkEngine:
+    """Texts -> ids by the chunk rule and a vocabulary's fallback (steps 1-7), a group of texts at a time. An unknown
+    character becomes its UTF-8 byte tokens when `byte_ids` (the ids of <0x00>..<0xFF>) are given, else one id."""
 
-
-def _bytes_to_text(data: bytes) -> str:
-    """UTF-8 letting lone surrogates through (they round-trip); invalid runs, only in generated ids, get U+FFFD."""
-    try:
-        return data.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        return data.decode("utf-8", "replace")
-
-
-def _vocab_json(vocab: dict[str, int]) -> str:
-    """One `"token": id` per line in id order; ASCII escapes keep lone surrogates writable."""
-    return json.dumps(vocab, indent=0, ensure_ascii=True) + "\n"
-
-
-def read_vocab(path: str | os.PathLike, compat: str | None = None) -> dict[str, int]:
-    """Token -> id from an i3 `vocab.json`; with compat="open-i3" also from a published `chunk_vocab_combined.json`.
-
-    Every problem raises naming the file: missing, not JSON, foreign format, ids with gaps, no byte tokens.
-    """
-    if path is None:  # what from_pretrained passes for a folder without vocab.json
-        raise FileNotFoundError(f"I3Tokenizer needs its {VOCAB_FILE_NAME}, and none was given or found")
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"I3Tokenizer vocabulary file not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a JSON vocabulary file ({error})") from None
-    is_open_i3 = isinstance(data, dict) and "chunk_to_idx" in data
-    if is_open_i3 and compat != OPEN_I3:
-        raise ValueError(f"{path} is a published open-i3 chunk vocabulary: load it with I3Tokenizer.from_open_i3_vocab")
-    vocab = data["chunk_to_idx"] if is_open_i3 else data
-    if not isinstance(vocab, dict) or not all(type(i) is int and isinstance(t, str) for t, i in vocab.items()):
-        raise ValueError(f"{path} is not a token -> id JSON object (an i3 vocab.json or open-i3 'chunk_to_idx')")
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ValueError(f"{path}: token ids must be 0..{len(vocab) - 1}, each used once")
-    if compat == OPEN_I3:  # the published file, or its vocab.json after save_pretrained
-        if vocab.get("<UNK>") != 0 or (is_open_i3 and (data.get("unk_token"), data.get("unk_idx")) != ("<UNK>", 0)):
-            raise ValueError(f"{path}: an open-i3 vocabulary has '<UNK>' as id 0")
-    elif not all(token in vocab for token in BYTE_TOKENS):
-        raise ValueError(f"{path}: an i3 vocabulary needs the 256 byte tokens <0x00>..<0xFF> (the lossless fallback)")
-    return vocab
-
-
-# --- building vocabularies from a corpus, cached on disk ---
-
-
-def _iter_texts(texts: Iterable, text_column: str) -> Iterator[str]:
-    """Strings as given, or the `text_column` of dataset rows (a `datasets` IterableDataset yields dicts)."""
-    for item in texts:
-        yield item if isinstance(item, str) else item[text_column]
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "i3"
-
-
-def _cached_build(
-    texts: Iterable, settings: dict, build: Callable[[Iterator[str]], str], cache_dir, text_column: str
-) -> Path:
-    """Path of `build(texts)`'s output, stored under a hash of the texts and settings and reused when it exists.
-
-    The texts are read once to hash them and, only when nothing is cached, once more to build: so they must be a
-    re-iterable collection (a list, `dataset["text"]`, a `datasets` Dataset or IterableDataset), not a generator.
-    """
-    if iter(texts) is texts:
-        raise TypeError(
-            "texts must be re-iterable (read once to hash, once to build): pass a list, dataset['text'] or a "
-            "datasets (Iterable)Dataset, not a generator or iterator"
-        )
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for text in _iter_texts(texts, text_column):
-        data = text.encode("utf-8", "surrogatepass")
-        digest.update(len(data).to_bytes(8, "little") + data)  # the length keeps ["ab", "c"] apart from ["a", "bc"]
-    name = f"{settings['kind']}-{settings['vocab_size']}-{digest.hexdigest()[:16]}.json"
-    path = Path(cache_dir or _default_cache_dir()) / name
-    if not path.exists():
-        content = build(_iter_texts(texts, text_column))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        partial.write_text(content, encoding="utf-8")
-        os.replace(partial, path)  # atomic: a concurrent reader sees no file or the whole file
-    return path
-
-
-def build_chunk_vocab(
-    texts: Iterable, vocab_size: int, cache_dir: str | os.PathLike | None = None, text_column: str = "text"
-) -> Path:
-    """Builds (or reuses) a lossless i3 chunk vocabulary of `vocab_size` tokens and returns its `vocab.json` path.
-
-    Layout: the 4 special tokens, the 256 byte tokens, then the most frequent chunks (ties by string), streaming over
-    the texts with only the chunk counts in memory. Single ASCII characters are left to the byte tokens. If the corpus
-    has fewer distinct chunks than fit, the vocabulary is smaller than asked and a warning says so: build the model
-    with `len(tokenizer)`. Same texts and size give a byte-identical file. Cache: `cache_dir`, default ~/.cache/i3.
-    """
-    room = vocab_size - len(SPECIAL_TOKENS) - len(BYTE_TOKENS)
-    if room < 1:
-        raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS) + len(BYTE_TOKENS)} (specials + bytes)")
-
-    def build(strings: Iterator[str]) -> str:
-        counts = Counter()
-        for group in _groups(strings, GROUP_CHARACTERS):  # numpy calls cost per call: cut whole groups
-            counts.update(_split_texts(group))
-        chunks = sorted((c for c in counts if len(c) > 1 or not c.isascii()), key=lambda c: (-counts[c], c))
-        if len(chunks) < room:
-            warnings.warn(
-                f"the corpus has {len(chunks)} distinct chunks, fewer than the {room} that vocab_size={vocab_size} "
-                f"leaves room for: the vocabulary has {len(chunks) + vocab_size - room} tokens",
-                stacklevel=2,
-            )
-        tokens = [*SPECIAL_TOKENS.values(), *BYTE_TOKENS, *chunks[:room]]
-        return _vocab_json({token: index for index, token in enumerate(tokens)})
-
-    settings = {"kind": "chunk", "vocab_size": vocab_size, "rule": "SPEC 4", "trigrams": TRIGRAMS, "format": 1}
-    return _cached_build(texts, settings, build, cache_dir, text_column)
-
-
-class I3Tokenizer(PreTrainedTokenizer):
-    """The i3 chunk tokenizer: lossless by default, or the published ids with `compat="open-i3"` (module docstring).
-
-    Plain strings, one or a batch (what `datasets.map(batched=True)` sends), are encoded together by the engine, then
-    handed to transformers' `prepare_for_model` and `pad`; pairs and pre-split words take the generic Python-backend
-    route through `_tokenize`. Both give the same ids.
-    """
-
-    vocab_files_names = {"vocab_file": VOCAB_FILE_NAME}
-    model_input_names = ["input_ids", "attention_mask"]
-
-    def __init__(self, vocab_file: str, compat: str | None = None, **kwargs):
-        if compat not in (None, OPEN_I3):
-            raise ValueError(f"compat must be None (lossless i3) or {OPEN_I3!r}, not {compat!r}")
-        self.compat = compat
-        self._vocab = read_vocab(vocab_file, compat)  # before super().__init__, which asks for the vocabulary
-        self._tokens = sorted(self._vocab, key=self._vocab.__getitem__)
+    def __init__(self, vocab: dict[str, int], byte_ids: list[int] | None):
         # An ASCII character missing from the vocabulary falls back to its one byte token: it is looked up like a
         # chunk of its own (same ids), so only characters outside ASCII can be unknown.
-        ascii_bytes = {} if compat else {chr(value): self._vocab[BYTE_TOKENS[value]] for value in range(128)}
-        self._chunk_vocabulary = ChunkVocabulary({**ascii_bytes, **self._vocab})
-        self._byte_values = {} if compat else {token: value for value, token in enumerate(BYTE_TOKENS)}
-        self._byte_ids = np.array([self._vocab[token] for token in BYTE_TOKENS] if not compat else [], np.int64)
+        ascii_bytes = {chr(value): byte_ids[value] for value in range(128)} if byte_ids else {}
+        self.vocabulary = ChunkVocabulary({**ascii_bytes, **vocab})
+        self.byte_ids = np.array(byte_ids or [], np.int64)
         # id + 1 -> the id as a Python int, made once (so no int is created per token); 0 -> an unknown character's id
-        self._id_objects = np.array([None, *range(len(self._tokens))], dtype=object)
-        for name, token in (OPEN_I3_SPECIAL_TOKENS if compat else SPECIAL_TOKENS).items():
-            kwargs.setdefault(name, token)
-        kwargs.setdefault("chat_template", OPEN_I3_CHAT_TEMPLATE if compat else CHAT_TEMPLATE)
-        kwargs.setdefault("padding_side", "left")  # right padding would shift the recurrent states of a batch
-        kwargs.setdefault("clean_up_tokenization_spaces", False)  # any clean-up would break the round trip
-        super().__init__(compat=compat, **kwargs)
+        self.id_objects = np.array([None, *range(len(vocab))], dtype=object)
 
-    @classmethod
-    def from_open_i3_vocab(cls, vocab_file: str | os.PathLike, **kwargs) -> "I3Tokenizer":
-        """The published tokenizer from its `chunk_vocab_combined.json`: same ids, same decoded text; `save_pretrained`
-        keeps the mode (`"compat": "open-i3"` in tokenizer_config.json)."""
-        return cls(str(vocab_file), compat=OPEN_I3, **kwargs)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    def get_vocab(self) -> dict[str, int]:
-        return {**self._vocab, **self.get_added_vocab()}
-
-    def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return list(map(self._tokens.__getitem__, self._encode_batch([text])[0]))
-
-    def _convert_token_to_id(self, token: str) -> int:
-        return self._vocab.get(token, self.unk_token_id)
-
-    def _convert_id_to_token(self, index: int) -> str:
-        if not 0 <= index < len(self._tokens):
-            raise ValueError(f"token id {index} is outside the vocabulary (ids 0-{len(self._tokens) - 1})")
-        return self._tokens[index]
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        """Concatenation, except that each run of byte tokens is decoded together (a character spans 1-4 bytes)."""
-        return "".join(
-            _bytes_to_text(bytes(map(self._byte_values.__getitem__, run))) if is_bytes else "".join(run)
-            for is_bytes, run in groupby(tokens, key=self._byte_values.__contains__)
-        )
-
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        path = Path(save_directory) / f"{filename_prefix + '-' if filename_prefix else ''}{VOCAB_FILE_NAME}"
-        path.write_text(_vocab_json(self._vocab), encoding="utf-8")
-        return (str(path),)
-
-    # --- text to ids ---
-
-    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text by the chunk rule (the numpy engine above), in groups of whole texts of about
-        GROUP_CHARACTERS characters."""
+    def encode(self, texts: list[str], unknown_id: int | None) -> list[list[int]]:
+        """Ids of each text, `unknown_id` for an unknown character when there are no byte tokens; the texts are
+        encoded in groups of whole texts of about GROUP_CHARACTERS characters."""
+        self.id_objects[0] = unknown_id
         return [ids for group in _groups(texts, GROUP_CHARACTERS) for ids in self._encode_group(group)]
 
     def _encode_group(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text by the chunk rule, the whole group at once (steps 1-7 of the engine)."""
-        if self.compat:
-            texts = [text.lower() for text in texts]  # one by one: str.lower's final sigma depends on the neighbours
-        code_points, numbers, starts = self._chunk_vocabulary.number(texts)  # (n + LOOK_AHEAD,) twice
+        """Ids of each text, the whole group at once."""
+        code_points, numbers, starts = self.vocabulary.number(texts)  # (n + LOOK_AHEAD,) twice
         if starts[-1] == 0:
             return [[] for _ in texts]
-        chunk_starts, ids_plus_one = _chunk_group(numbers, starts, self._chunk_vocabulary)  # (chunks,) twice
+        chunk_starts, ids_plus_one = _chunk_group(numbers, starts, self.vocabulary)  # (chunks,) twice
         offsets = np.searchsorted(chunk_starts, starts)  # (texts + 1,) where each text's ids begin, then the end
-        if self.compat:
-            self._id_objects[0] = self.unk_token_id
-        else:
+        if self.byte_ids.size:
             ids_plus_one, offsets = self._with_byte_tokens(ids_plus_one, chunk_starts, code_points, offsets)
-        objects = self._id_objects.take(ids_plus_one)  # (ids,) object: tolist copies references, creating no ints
+        objects = self.id_objects.take(ids_plus_one)  # (ids,) object: tolist copies references, creating no ints
         return [objects[start:end].tolist() for start, end in pairwise(offsets.tolist())]
 
     def _with_byte_tokens(
@@ -757,120 +943,13 @@ class I3Tokenizer(PreTrainedTokenizer):
         widths = np.ones(len(ids_plus_one), np.intp)  # (chunks,) ids per chunk
         widths[unknown] = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
         ids_plus_one = np.repeat(ids_plus_one, widths)  # an unknown character's 0 once per byte, in the order of utf8
-        ids_plus_one[ids_plus_one == 0] = self._byte_ids.take(utf8) + 1
+        ids_plus_one[ids_plus_one == 0] = self.byte_ids.take(utf8) + 1
         moved = np.zeros(len(widths) + 1, np.intp)  # (chunks + 1,) old boundary -> new
         np.cumsum(widths, out=moved[1:])
         return ids_plus_one, moved[offsets]
 
-    def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
-        """Ids of each text; one holding an added token (`<eos>` in a chat) is split on it by transformers first."""
-        added = self.get_added_vocab()
-        has_added = re.compile("|".join(map(re.escape, added))).search  # `re` caches the compiled pattern
-        if split_special_tokens or not added or not has_added("\n".join(texts)):  # one search for the whole batch;
-            return self._encode_batch(texts)  # a token found across two texts only costs the search text by text
-        special = [has_added(text) is not None for text in texts]
-        plain = iter(self._encode_batch([text for text, split in zip(texts, special) if not split]))
-        return [self.convert_tokens_to_ids(self.tokenize(text)) if split else next(plain)
-                for text, split in zip(texts, special)]  # fmt: skip
 
-    def _encode_plus(self, text, text_pair=None, **kwargs) -> BatchEncoding:
-        """`tokenizer(text)` as the Python backend runs it, except that plain strings, one or a batch, are encoded
-        together by the engine. Their ids then take the backend's own route: `prepare_for_model` for each text
-        (truncation, special tokens, extra outputs), then `pad` for the batch. Pairs, pre-split words, offsets and
-        overflowing tokens go the generic way."""
-        texts = [text] if isinstance(text, str) else text
-        generic = ("is_split_into_words", "return_offsets_mapping", "return_overflowing_tokens")
-        if (
-            text_pair is not None
-            or not isinstance(texts, (list, tuple))
-            or not set(map(type, texts)) <= {str}
-            or any(kwargs.get(option) for option in generic)
-        ):
-            return super()._encode_plus(text, text_pair=text_pair, **kwargs)
-        input_ids = self._encode_texts(texts, kwargs.get("split_special_tokens", self.split_special_tokens))
-        per_text = {name: kwargs[name] for name in PER_TEXT_OPTIONS if name in kwargs}
-        per_text["truncation"] = kwargs.get("truncation_strategy", TruncationStrategy.DO_NOT_TRUNCATE).value
-        padding = kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD).value
-        mask, return_tensors = kwargs.get("return_attention_mask"), kwargs.get("return_tensors")
-        if isinstance(text, str):
-            return self.prepare_for_model(
-                input_ids[0], **per_text, padding=padding, pad_to_multiple_of=kwargs.get("pad_to_multiple_of"),
-                padding_side=kwargs.get("padding_side"), return_attention_mask=mask, return_tensors=return_tensors,
-                prepend_batch_axis=True,
-            )  # fmt: skip
-        if self._prepares_nothing(input_ids, per_text):
-            encoded = {"input_ids": input_ids}
-        else:  # as the Python backend does for each text of a batch: no padding or mask until the whole batch is in
-            encoded = {}
-            for ids in input_ids:
-                for key, value in self.prepare_for_model(ids, **per_text, return_attention_mask=False).items():
-                    encoded.setdefault(key, []).append(value)
-        if padding != PaddingStrategy.DO_NOT_PAD:
-            encoded = self.pad(
-                encoded, padding=padding, max_length=per_text.get("max_length"),
-                pad_to_multiple_of=kwargs.get("pad_to_multiple_of"), padding_side=kwargs.get("padding_side"),
-                return_attention_mask=mask,
-            )  # fmt: skip
-        elif mask or (mask is None and "attention_mask" in self.model_input_names):
-            # what pad() adds without padding, minus its call per text (which would cost a tenth of the batch's time)
-            encoded["attention_mask"] = [[1] * len(ids) for ids in encoded["input_ids"]]
-        return BatchEncoding(encoded, tensor_type=return_tensors)
-
-    def _prepares_nothing(self, input_ids: list[list[int]], per_text: dict) -> bool:
-        """Whether `prepare_for_model(ids, **per_text)` gives every text's ids alone, unchanged: no special token to
-        add, no text to truncate, no extra output asked for."""
-        extras = ("return_token_type_ids", "return_special_tokens_mask", "return_length")
-        max_length = per_text.get("max_length")
-        return (
-            not any(per_text.get(name) for name in extras)
-            and not (per_text.get("add_special_tokens", True) and self.num_special_tokens_to_add())
-            and (per_text["truncation"] == TruncationStrategy.DO_NOT_TRUNCATE or max_length is None
-                 or max(map(len, input_ids), default=0) <= max_length)
-        )  # fmt: skip
-
-
-# --- byte-level BPE (i3-200M style) and the one entry point for training scripts ---
-
-
-def _train_bpe(strings: Iterator[str], vocab_size: int) -> str:
-    """A `tokenizers` byte-level BPE of `vocab_size` tokens with the i3 special tokens as ids 0-3, as tokenizer.json."""
-    tokenizer = Tokenizer(models.BPE())  # every byte is in the initial alphabet, so no token is ever unknown
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(strings, trainer)
-    if tokenizer.get_vocab_size() < vocab_size:
-        warnings.warn(
-            f"the corpus ran out of BPE merges: {tokenizer.get_vocab_size()} tokens instead of {vocab_size}",
-            stacklevel=2,
-        )
-    return tokenizer.to_str(pretty=True)
-
-
-def build_tokenizer(
-    kind: str, texts: Iterable, vocab_size: int, cache_dir: str | os.PathLike | None = None, text_column: str = "text"
-) -> PreTrainedTokenizerBase:
-    """A tokenizer of `kind` "chunk" (`I3Tokenizer`, lossless) or "bpe" (`PreTrainedTokenizerFast`, byte-level),
-    trained on `texts` (re-iterable; see `build_chunk_vocab`) or reused from the cache. Both have `<unk>` 0, `<pad>` 1,
-    `<bos>` 2, `<eos>` 3, the i3 chat template, and add no special tokens when encoding. Both round-trip any valid
-    Unicode text; the BPE (Rust) one refuses strings with lone surrogates, which the chunk one round-trips."""
-    if kind == "chunk":
-        return I3Tokenizer(str(build_chunk_vocab(texts, vocab_size, cache_dir, text_column)))
-    if kind == "bpe":
-        settings = {"kind": "bpe", "vocab_size": vocab_size, "tokenizers": tokenizers.__version__, "format": 1}
-        path = _cached_build(texts, settings, lambda strings: _train_bpe(strings, vocab_size), cache_dir, text_column)
-        return PreTrainedTokenizerFast(
-            tokenizer_file=str(path), chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
-            padding_side="left", **SPECIAL_TOKENS
-        )
-    raise ValueError(f'kind must be "chunk" or "bpe", not {kind!r}')
-
-
-I3Tokenizer.register_for_auto_class("AutoTokenizer")  # save_pretrained then writes auto_map and copies this file
-
-__all__ = ["CHAT_TEMPLATE", "I3Tokenizer", "build_chunk_vocab", "build_tokenizer", "read_vocab", "split_chunks"]
+__all__ = [
+    "CHAT_TEMPLATE", "MINIMUM_VOCAB_SIZE", "I3Tokenizer", "apply_export_settings", "build_chunk_vocab", "build_tokenizer",
+    "read_vocab", "split_chunks",
+]  # fmt: skip

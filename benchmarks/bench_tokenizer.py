@@ -13,12 +13,10 @@ Both are timed on the same batches, each batch's output dropped before the next.
   fixture - the same with the fixtures' published vocabulary (1,701 chunks of Emma: many unknown chunks);
   i3      - the lossless tokenizer shipped at the repo root (its own ids), the one training uses.
 
-Measured on the project machine (2 shared cores, best of 3, batches of 1000, paragraphs): the reference loop runs at
-4.2 Mch/s (the re-typed published structure, a method call per chunk, ran at 3.1), I3Tokenizer at 39-41 Mch/s in
-compat (9.4-9.7x), 36-38 Mch/s for i3 (8.6-8.9x: its vocabulary, cut at 4,466 tokens, sends the chain on ~90 detours
-per batch) and 21-22 Mch/s on the fixture vocabulary (5.1x). The machine is shared: repeat, and compare medians.
-About a tenth of i3's time is page faults: glibc hands the freed arrays of each group back to the system and faults
-them in again; MALLOC_MMAP_THRESHOLD_=268435456 in the environment removes them.
+Read the speeds and ratios of a run on the machine at hand; none are kept here, since they depend on it (a shared
+machine gives noisy numbers: repeat, and compare runs of the same session). Part of i3's time can be page faults:
+glibc hands the freed arrays of each group back to the system and faults them in again;
+MALLOC_MMAP_THRESHOLD_=268435456 in the environment removes them.
 """
 
 import argparse
@@ -43,7 +41,7 @@ FIXTURE_VOCAB = REPO / "tests" / "fixtures" / "open-i3" / "chunk_vocab_combined.
 
 
 class PublishedChunkTokenizer:
-    """SPEC 4's chunk tokenizer as the i3-80M code runs it (`ChunkTokenizer.encode`): the text lower-cased, then the
+    """The chunk tokenizer as the i3-80M code runs it (`ChunkTokenizer.encode`): the text lower-cased, then the
     rule one chunk at a time in Python, which is `chunk_rule_reference`, and `<UNK>` for an unknown character."""
 
     def __init__(self, chunk_to_idx: dict[str, int]):

@@ -6,6 +6,7 @@ strings cut by hand; the numpy engine is then checked against it on generated te
 """
 
 import glob
+import inspect
 import json
 import lzma
 import random
@@ -15,16 +16,34 @@ import sys
 import textwrap
 from itertools import product
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizer, pipeline
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizer,
+    PreTrainedTokenizerFast,
+    pipeline,
+)
 
 from i3 import tokenization_i3
-from i3.tokenization_i3 import I3Tokenizer, build_chunk_vocab, build_tokenizer, chunk_rule_reference, split_chunks
+from i3.configuration_i3 import I3Config
+from i3.tokenization_i3 import (
+    CHAT_TEMPLATE,
+    MINIMUM_VOCAB_SIZE,
+    I3Tokenizer,
+    apply_export_settings,
+    build_chunk_vocab,
+    build_tokenizer,
+    chunk_rule_reference,
+    split_chunks,
+)
 
 from conftest import REPO_ROOT, fresh_process_env, hub_cache_snapshot
 
@@ -82,8 +101,9 @@ TEXTS = st.one_of(
 # --- the chunk rule and published ids ---
 
 
-# Cut by hand from SPEC 4: a trigram; a space before; a space after; 2 otherwise; 1 at the very end; no 3 when only 3
-# characters are left and nothing follows (the space-after test needs a 4th); "space" is " " only.
+# Cut by hand from the rule (docs/design.md#tokenizers): a trigram; a space before; a space after; 2 otherwise; 1 at
+# the very end; no 3 when only 3 characters are left and nothing follows (the space-after test needs a 4th); "space" is
+# " " only.
 HAND_CUT = {
     "the cat": ["the", " c", "at"],
     "a cat sat": ["a ", "cat", " s", "at"],
@@ -96,7 +116,7 @@ HAND_CUT = {
 
 @pytest.mark.parametrize("text", HAND_CUT)
 def test_reference_cuts_as_by_hand(text):
-    """The reference cuts strings as SPEC 4 does by hand, and `split_chunks` (the engine) agrees."""
+    """The reference cuts strings as the rule does by hand, and `split_chunks` (the engine) agrees."""
     assert chunk_rule_reference(text) == split_chunks(text) == HAND_CUT[text]
 
 
@@ -187,7 +207,7 @@ def test_vocabulary_of_many_characters(tmp_path):
     chunks = [*characters, *map("".join, zip(characters, characters[1:40])), *map("".join, zip(*[characters[:30]] * 3))]
     vocab = write_vocab(tmp_path / "vocab.json", chunks)
     tokenizer = I3Tokenizer(str(tmp_path / "vocab.json"))
-    assert tokenizer._chunk_vocabulary.key_type is np.uint64
+    assert tokenizer._engine.vocabulary.key_type is np.uint64
     rng = random.Random(0)
     alphabet = [*characters[:40], *characters[-5:], " ", "a", "😀", "\u4e00\u4e01\u4e02"]
     texts = ["".join(rng.choices(alphabet, k=rng.randrange(300))) for _ in range(30)]
@@ -281,6 +301,31 @@ def test_chat_template_text(root):
         root.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
+def test_repo_root_is_an_exported_tokenizer(tmp_path):
+    """The repo root's tokenizer files are what `apply_export_settings` + `save_pretrained` write for the root model,
+    byte for byte: chat_template.jinja is CHAT_TEMPLATE (its one source) written out, not a copy kept by hand."""
+    assert (REPO_ROOT / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
+    tokenizer = I3Tokenizer(str(REPO_ROOT / "vocab.json"))
+    apply_export_settings(tokenizer, I3Config.from_pretrained(REPO_ROOT)).save_pretrained(tmp_path)
+    for name in ["chat_template.jinja", "tokenizer_config.json", "vocab.json", "tokenization_i3.py"]:
+        assert (tmp_path / name).read_bytes() == (REPO_ROOT / name).read_bytes(), name
+
+
+def test_export_settings(tmp_path):
+    """Any tokenizer exported with a model gets left padding and a chat template (the i3 one unless it has its own),
+    and learned positions set `model_max_length`; the saved folder reloads with them."""
+    learned = SimpleNamespace(position_embedding_type="learned", max_position_embeddings=96)
+    built = build_tokenizer("bpe", TINY_CORPUS, MINIMUM_VOCAB_SIZE, tmp_path / "cache")
+    bare = PreTrainedTokenizerFast(tokenizer_object=built.backend_tokenizer, eos_token="<eos>")  # as converted
+    assert bare.padding_side == "right" and bare.chat_template is None
+    apply_export_settings(bare, learned).save_pretrained(tmp_path / "bpe")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "bpe")
+    assert (reloaded.padding_side, reloaded.chat_template, reloaded.model_max_length) == ("left", CHAT_TEMPLATE, 96)
+    compat = I3Tokenizer.from_open_i3_vocab(OPEN_I3 / "chunk_vocab_combined.json")
+    apply_export_settings(compat, SimpleNamespace(position_embedding_type="rope", max_position_embeddings=96))
+    assert compat.chat_template == tokenization_i3.OPEN_I3_CHAT_TEMPLATE and compat.model_max_length > 10**20
+
+
 def test_chat_template_ids(root):
     """Tokenized chats end the assistant turn with the eos id, which is what stops generation."""
     ids = root.apply_chat_template(CONVERSATION)["input_ids"]
@@ -361,6 +406,27 @@ def test_batched_route_is_transformers_route(options, pattern):
         for key in expected:
             assert type(encoded[key]) is type(expected[key])
             assert as_lists(encoded[key]) == as_lists(expected[key])
+
+
+def test_plain_calls_take_the_batched_route(root, monkeypatch):
+    """The calls of `datasets.map` and train.py (strings, one or a batch, with the usual options) never reach the
+    Python backend's text-by-text route, which is many times slower (the comment above `I3Tokenizer._encode_plus`)."""
+    monkeypatch.setattr(PreTrainedTokenizer, "_encode_plus", lambda *args, **kwargs: pytest.fail("generic route"))
+    root(BATCH, add_special_tokens=False)
+    root(BATCH, padding=True, truncation=True, max_length=4, return_tensors="pt")
+    root("The end.", return_tensors="pt")
+
+
+@pytest.mark.skipif("sanitize_control_tokens" not in inspect.signature(PreTrainedTokenizer.apply_chat_template).parameters,
+                    reason="transformers without sanitize_control_tokens")  # fmt: skip
+def test_sanitized_chat_goes_the_generic_way(root):
+    """`apply_chat_template(..., sanitize_control_tokens=True)` (transformers 5.25) encodes a control token written
+    by the user as plain text, as transformers' own route does: options the batched route does not know go there."""
+    chat = [{"role": "user", "content": "Hi <eos> there"}]
+    ids = root.apply_chat_template(chat, sanitize_control_tokens=True)["input_ids"]
+    assert root.eos_token_id not in ids and root.decode(ids) == "User: Hi <eos> there\n"
+    generic = GenericI3Tokenizer(str(REPO_ROOT / "vocab.json"))
+    assert ids == generic.apply_chat_template(chat, sanitize_control_tokens=True)["input_ids"]
 
 
 # --- loading through AutoTokenizer in a fresh interpreter ---
@@ -474,8 +540,18 @@ def test_vocab_needs_re_iterable_texts(tmp_path):
     """A generator cannot be read twice, so it is refused with a message saying what to pass instead."""
     with pytest.raises(TypeError, match="re-iterable"):
         build_chunk_vocab((text for text in TINY_CORPUS), 264, tmp_path)
-    with pytest.raises(ValueError, match="vocab_size"):
-        build_chunk_vocab(TINY_CORPUS, 260, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["chunk", "bpe"])
+def test_smallest_vocabulary(tmp_path, kind):
+    """MINIMUM_VOCAB_SIZE (the special and byte tokens alone) builds either kind, which still round-trips any text;
+    one token fewer is refused, naming the bound."""
+    tokenizer = build_tokenizer(kind, TINY_CORPUS, MINIMUM_VOCAB_SIZE, tmp_path)
+    assert len(tokenizer) == MINIMUM_VOCAB_SIZE == 260
+    text = "Emma, naïve café 😀\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    with pytest.raises(ValueError, match="vocab_size must be at least 260"):
+        build_tokenizer(kind, TINY_CORPUS, MINIMUM_VOCAB_SIZE - 1, tmp_path)
 
 
 def test_root_vocab_is_the_austen_build(tmp_path):
