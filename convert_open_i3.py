@@ -33,7 +33,7 @@ try:
     from i3.configuration_i3 import I3Config
     from i3.model_card import write_model_card
     from i3.modeling_i3 import I3ForCausalLM
-    from i3.tokenization_i3 import CHAT_TEMPLATE, I3Tokenizer
+    from i3.tokenization_i3 import I3Tokenizer, apply_export_settings
 except ModuleNotFoundError as error:  # run from a checkout that was never installed
     raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
@@ -259,10 +259,8 @@ def load_tokenizer(path: Path, vocab_size: int):
     if "chunk_to_idx" in data:
         tokenizer = I3Tokenizer.from_open_i3_vocab(path)
     elif "model" in data:
-        # the i3 chat template ("Role: content" lines, assistant turns ended by <EOS>), as i3's own BPE models use
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(path), unk_token="<UNK>", pad_token="<PAD>", bos_token="<BOS>", eos_token="<EOS>",
-            chat_template=CHAT_TEMPLATE, padding_side="left",
+            tokenizer_file=str(path), unk_token="<UNK>", pad_token="<PAD>", bos_token="<BOS>", eos_token="<EOS>"
         )
     else:
         raise ConversionError(f"{path}: is neither an open-i3 chunk vocab nor a `tokenizers` tokenizer.json.")
@@ -306,10 +304,8 @@ def write_folder(output_dir: Path, model, tokenizer, checkpoint: Path):
     staging.mkdir(parents=True)
     try:
         model.save_pretrained(staging)  # model.safetensors, config.json with auto_map, generation_config, code
-        if tokenizer is not None:
-            if model.config.position_embedding_type == "learned":  # so that `truncation=True` stops at the last one
-                tokenizer.model_max_length = model.config.max_position_embeddings
-            tokenizer.save_pretrained(staging)
+        if tokenizer is not None:  # left padding, the i3 chat template unless it has one (open-i3's), positions
+            apply_export_settings(tokenizer, model.config).save_pretrained(staging)
         write_card(staging / "README.md", model, tokenizer, output_dir.name, checkpoint)
         if output_dir.exists():
             output_dir.rmdir()  # empty: checked before converting

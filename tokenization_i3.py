@@ -663,9 +663,9 @@ def _rule_lengths(numbers: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return lengths
 
 
-# Step 3, the chain of chunk starts as a scan. Reading positions left to right, keep d = the distance from p to the next chunk
-# start (0-2). Position p maps d to step[p] - 1 when d == 0 (a chunk starts at p) and to d - 1 otherwise: a map of
-# {0, 1, 2} to itself, coded as f(0) + 3 f(1) + 9 f(2) (27 codes). Maps compose associatively, so the d at every
+# Step 3, the chain of chunk starts as a scan. Reading positions left to right, keep d = the distance from p to the
+# next chunk start (0-2). Position p maps d to step[p] - 1 when d == 0 (a chunk starts at p) and to d - 1 otherwise: a
+# map of {0, 1, 2} to itself, coded as f(0) + 3 f(1) + 9 f(2) (27 codes). Maps compose associatively, so the d at every
 # position, d == 0 marking the chunk starts, is a prefix scan of maps starting from d = 0. Each text's last chunk ends
 # exactly at the text's end (the rule's room), so d is 0 again at every text start without special handling.
 
@@ -950,6 +950,6 @@ class ChunkEngine:
 
 
 __all__ = [
-    "CHAT_TEMPLATE", "MINIMUM_VOCAB_SIZE", "I3Tokenizer", "apply_export_settings", "build_chunk_vocab", "build_tokenizer",
-    "read_vocab", "split_chunks",
+    "CHAT_TEMPLATE", "MINIMUM_VOCAB_SIZE", "I3Tokenizer", "apply_export_settings", "build_chunk_vocab",
+    "build_tokenizer", "read_vocab", "split_chunks",
 ]  # fmt: skip

@@ -51,7 +51,13 @@ try:
     from i3.configuration_i3 import I3Config
     from i3.model_card import write_model_card
     from i3.modeling_i3 import I3ForCausalLM, I3LowRankLinear
-    from i3.tokenization_i3 import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+    from i3.tokenization_i3 import (
+        CHAT_TEMPLATE,
+        MINIMUM_VOCAB_SIZE,
+        SPECIAL_TOKENS,
+        apply_export_settings,
+        build_tokenizer,
+    )
 except ModuleNotFoundError as error:  # run from a checkout that was never installed
     raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
@@ -178,7 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # every numeric flag and the values it accepts (None: the flag may be left out)
 NUMBER_RANGES = {
-    "vocab_size": ("at least 260 (the special and byte tokens)", lambda value: value >= 260),
+    "vocab_size": (f"at least {MINIMUM_VOCAB_SIZE} (the special and byte tokens)",
+                   lambda value: value >= MINIMUM_VOCAB_SIZE),
     "tokenizer_max_documents": ("a positive integer", lambda value: value > 0),
     "block_size": ("at least 2 tokens", lambda value: value >= 2),
     "max_eval_documents": ("a positive integer", lambda value: value is None or value > 0),
@@ -664,9 +671,7 @@ def export(output_dir: Path, accelerator: Accelerator, model, tokenizer, progres
     model = accelerator.unwrap_model(model)
     # weights, config with auto_map, code files, generation_config.json
     model.save_pretrained(output_dir, state_dict=state_dict)
-    if model.config.position_embedding_type == "learned":  # so that `truncation=True` stops at the last position
-        tokenizer.model_max_length = model.config.max_position_embeddings
-    tokenizer.save_pretrained(output_dir)
+    apply_export_settings(tokenizer, model.config).save_pretrained(output_dir)  # left padding, chat template, positions
     results = {key: value for key, value in progress.evaluations[-1].items() if key != "samples"}
     results.update(train_loss=progress.train_losses[-1][1], train_tokens=progress.tokens,
                    train_seconds=progress.train_seconds, tokens_per_second=progress.tokens / progress.train_seconds)

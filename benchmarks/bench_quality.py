@@ -38,22 +38,9 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator, get_scheduler
 
 try:
+    from i3 import train
     from i3.configuration_i3 import I3Config
     from i3.tokenization_i3 import build_tokenizer
-    from i3.train import (
-        build_model,
-        data_sources,
-        decayed_parameter_names,
-        encode_documents,
-        evaluate,
-        evaluation_windows,
-        group_texts,
-        load_corpus,
-        parameter_groups,
-        parse_args,
-        source_flags,
-        training_step,
-    )
 except ModuleNotFoundError as error:  # run from a checkout that was never installed
     raise SystemExit(f"error: {error}; install the repo first: pip install -r requirements-dev.txt") from None
 
@@ -89,7 +76,7 @@ ABLATIONS = {  # each a change of that design; "freeze_token_shift" holds the to
 @functools.cache
 def recipe():
     """train.py's defaults: the recipe every run follows, its schedule put on CPU time."""
-    return parse_args([])
+    return train.parse_args([])
 
 
 def tokens_per_step() -> int:
@@ -131,19 +118,20 @@ def first_bytes(documents: list[str], limit: int) -> list[str]:
 def prepare_data(blocks: list[int], eval_bytes: int):
     """The tokenizer, the training blocks at each block size, and the held-out windows and their UTF-8 bytes (the
     first `eval_bytes` of each held-out text)."""
-    train_documents, held_out = load_corpus(data_sources(source_flags(recipe()), None), streaming=False,
-                                            render_chat=None, seed=0, max_eval_documents=None)
+    sources = train.data_sources(train.source_flags(recipe()), None)
+    train_documents, held_out = train.load_corpus(sources, streaming=False, render_chat=None, seed=0,
+                                                  max_eval_documents=None)
     tokenizer = build_tokenizer(recipe().tokenizer_type, train_documents, recipe().vocab_size)
-    ids = encode_documents(tokenizer, list(train_documents["text"]))
-    training = {size: torch.tensor(group_texts({"input_ids": ids}, size)["input_ids"]) for size in blocks}
+    ids = train.encode_documents(tokenizer, list(train_documents["text"]))
+    training = {size: torch.tensor(train.group_texts({"input_ids": ids}, size)["input_ids"]) for size in blocks}
     texts = {"Persuasion": [row["text"] for documents in held_out for row in documents], **out_of_domain_texts()}
     scored = {}
     for name, documents in texts.items():
         documents = first_bytes(documents, eval_bytes)
-        encoded = encode_documents(tokenizer, documents)
+        encoded = train.encode_documents(tokenizer, documents)
         scored[name] = {
             "bytes": sum(len(document.encode("utf-8")) for document in documents),
-            "windows": {size: evaluation_windows(encoded, size, tokenizer.eos_token_id) for size in blocks},
+            "windows": {size: train.evaluation_windows(encoded, size, tokenizer.eos_token_id) for size in blocks},
         }
     return tokenizer, training, scored
 
@@ -158,7 +146,7 @@ def build(spec: dict, tokenizer):
     if "layer_types" in changes:
         changes["num_hidden_layers"] = len(changes["layer_types"])
     config.update(changes)
-    i3 = build_model(config, tokenizer, max_new_tokens=1, gradient_checkpointing=False, torch_compile=False)
+    i3 = train.build_model(config, tokenizer, max_new_tokens=1, gradient_checkpointing=False, torch_compile=False)
     if spec.get("llama"):
         return matching_llama(i3.config, count_parameters(i3))
     if spec.get("freeze_token_shift"):
@@ -187,7 +175,7 @@ def run(job: dict, tokenizer, blocks: torch.Tensor, held_out: dict, threads: int
     model = build(job["spec"], tokenizer)
     model.train()
     accelerator = Accelerator(cpu=True)
-    parameters = parameter_groups(model, decayed_parameter_names(model), recipe().weight_decay)
+    parameters = train.parameter_groups(model, train.decayed_parameter_names(model), recipe().weight_decay)
     optimizer = torch.optim.AdamW(parameters, lr=recipe().learning_rate)
     batch_size = tokens_per_step() // blocks.shape[1]
     order = torch.Generator().manual_seed(job["seed"])
@@ -198,7 +186,7 @@ def run(job: dict, tokenizer, blocks: torch.Tensor, held_out: dict, threads: int
         if len(queue) < batch_size:  # the next epoch, in the seed's order
             queue = torch.cat([queue, torch.randperm(len(blocks), generator=order)])
         batch, queue = blocks[queue[:batch_size]], queue[batch_size:]
-        losses.append(training_step(model, {"input_ids": batch}, optimizer, scheduler, accelerator,
+        losses.append(train.training_step(model, {"input_ids": batch}, optimizer, scheduler, accelerator,
                                     recipe().max_grad_norm).item())
         steps += 1
     seconds = time.process_time() - start
@@ -206,7 +194,7 @@ def run(job: dict, tokenizer, blocks: torch.Tensor, held_out: dict, threads: int
     scores = {}
     for name, text in held_out.items():
         loader = DataLoader(text["windows"][blocks.shape[1]], batch_size=16, collate_fn=default_data_collator)
-        scores[name] = evaluate(model, loader, accelerator, text["bytes"])["bits_per_byte"]
+        scores[name] = train.evaluate(model, loader, accelerator, text["bytes"])["bits_per_byte"]
     return {**{key: job[key] for key in ("model", "block", "seed", "budget")}, "parameters": count_parameters(model),
             "steps": steps, "cpu_seconds": seconds, "tokens_per_cpu_second": steps * tokens_per_step() / seconds,
             "final_train_loss": statistics.mean(losses[-20:]), "bits_per_byte": scores,
