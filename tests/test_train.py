@@ -490,4 +490,5 @@ def test_scripts_run_from_a_checkout_that_was_never_installed_say_how_to_install
     result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error: No module named 'i3") and "pip install -r requirements-dev.txt" in result.stderr
+    assert result.stderr.startswith("error: No module named 'i3")
+    assert "pip install -r requirements-dev.txt" in result.stderr
