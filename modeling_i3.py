@@ -600,12 +600,18 @@ def i3_scan_kernel(kernel, u, dt, log_a, B, C, D, *, initial_state=None):
 
 def i3_scan_step(u, dt, log_a, B, C, D, *, initial_state=None):
     """Single-step evaluation of the i3 SSM (decoding): the same as `i3_scan_chunked` with t = 1."""
-    u1, dt1, log_a1, B1, C1 = (v[:, 0].float() for v in (u, dt, log_a, B, C))
-    state = (dt1[..., None] * u1)[..., None] * B1[:, None, None]
-    if initial_state is not None:
-        state = state + torch.exp(log_a1)[..., None, None] * initial_state
-    y = torch.einsum("bhpn,bn->bhp", state, C1) + D[:, None] * u1
+    y, state = i3_ssm_update(*(v[:, 0].float() for v in (u, dt, log_a, B, C)), D, initial_state)
     return y[:, None].to(u.dtype), state
+
+
+def i3_ssm_update(u, dt, log_a, B, C, D, state):
+    """The recurrence for one token, in float32: u (b, h, p); dt, log_a (b, h); B, C (b, n); state (b, h, p, n) or
+    None (empty). Returns y (b, h, p) and the new state."""
+    new_state = (dt[..., None] * u)[..., None] * B[:, None, None]
+    if state is not None:
+        new_state = torch.addcmul(new_state, torch.exp(log_a)[..., None, None], state)
+    y = torch.addcmul((new_state * C[:, None, None]).sum(-1), D[:, None], u)
+    return y, new_state
 
 
 class I3RecurrentMixer(nn.Module):
@@ -645,6 +651,9 @@ class I3RecurrentMixer(nn.Module):
     ) -> torch.Tensor:
         """`document_starts` (b, t), for packed rows: every state starts afresh there (shift, conv and SSM)."""
         batch, seq_len, _ = hidden_states.shape
+        continues_alone = states is not None and "ssm" in states.states and not states.recording
+        if seq_len == 1 and attention_mask is None and document_starts is None and continues_alone:
+            return self.decode_step(hidden_states, states)
         ssm_state = states.get("ssm") if states is not None else None
         hidden_states = zero_padding(hidden_states, attention_mask)
 
@@ -691,6 +700,25 @@ class I3RecurrentMixer(nn.Module):
 
         # 5. out = W_out(norm(y) * silu(z))
         return self.out_proj(self.norm(y.reshape(batch, seq_len, self.inner_size), z))
+
+    def decode_step(self, hidden_states: torch.Tensor, states: RecurrentStates) -> torch.Tensor:
+        """`forward` for one token that continues every cached state, unpadded (the decoding loop): steps 1-5 without
+        the windows, sorting and masks a sequence needs, so that a step runs few small ops."""
+        x = hidden_states[:, 0]  # (b, d)
+        mixed = token_shift(x, states.get("shift")[..., 0].to(x.dtype), self.token_shift)
+        u, z = self.in_proj(mixed).chunk(2, dim=-1)  # (b, E) each
+        window = torch.cat([states.get("conv").to(u.dtype), u[..., None]], dim=-1)  # (b, E, K): the conv's inputs
+        u = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        dt, B, C = self.x_proj(u).split([self.num_heads, self.state_size, self.state_size], dim=-1)
+        dt = F.softplus((dt + self.dt_bias).float())
+        with without_autocast(u):
+            y, ssm_state = i3_ssm_update(u.view(-1, self.num_heads, self.head_dim).float(), dt,
+                                         -torch.exp(self.A_log.float()) * dt, B.float(), C.float(), self.D,
+                                         states.get("ssm"))
+        states.update("shift", x[..., None])
+        states.update("conv", window[..., 1:])
+        states.update("ssm", ssm_state)
+        return self.out_proj(self.norm(y.reshape(x.shape[0], 1, self.inner_size).to(z.dtype), z[:, None]))
 
 
 # --- published-checkpoint mixers, exact (docs/design.md#the-open-i3-mixer, #the-rwkv4-mixer) ---
