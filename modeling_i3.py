@@ -49,7 +49,9 @@ from .configuration_i3 import I3Config
 # masks follow. Attention keys and values stay in transformers' public `DynamicLayer` / `StaticLayer`.
 # What `generate` asks of the cache, on every supported release (5.24, 5.25): `get_seq_length`, `get_mask_sizes`,
 # `crop` with minus the tokens to remove, `activate_past_recording` (5.25 passes how many tokens a rollback may undo,
-# 5.24 passes nothing), and the batch reordering of beam search.
+# 5.24 passes nothing), and the batch reordering of beam search. No layer reports itself as transformers'
+# linear-attention layer (`Cache.is_linear`): 5.24 takes such a cache for one that cannot count its tokens and feeds
+# it the whole sequence again when an assistant restarts from it.
 
 
 class RecurrentStates:
@@ -197,10 +199,6 @@ class I3Cache(Cache):
         if self.max_cache_len is not None:
             return self.max_cache_len, 0
         return self.seen_tokens + query_length, 0
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [isinstance(layer, RecurrentStates) for layer in self.layers]
 
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs):
         """Start keeping what `crop` needs to undo tokens. transformers 5.25 says how many tokens a rollback may
