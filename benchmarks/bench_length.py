@@ -96,11 +96,11 @@ def report(results: list[dict], budget: float):
                  for model, model_runs in runs.items() if model_runs}
         print(f"\n### {text}: bits per byte by position in a {WINDOW:,}-token window, trained at block "
               f"{TRAINING_BLOCK:,} for {budget:.0f} CPU seconds, {len(runs['Llama'])} seed(s) (lower is better)\n")
-        print("| model | " + " | ".join(f"{low:,}-{high:,}" for low, high in BUCKETS)
-              + " | 2,048-4,096 / 256-1,024 |")
+        headers = [f"{low:,}-{high:,}" for low, high in BUCKETS]
+        print("| model | " + " | ".join(headers) + f" | {headers[-1]} / {headers[1]} |")
         print("|---" * (2 + len(BUCKETS)) + "|")
         for model, scores in means.items():
-            print(f"| {model} | " + " | ".join(f"{score:.3f}" for score in scores) + f" | {scores[3] / scores[1]:.3f} |")
+            print(f"| {model} | " + " | ".join(f"{score:.3f}" for score in scores) + f" | {scores[-1] / scores[1]:.3f} |")
         for model, scores in means.items():
             if model != "Llama":
                 print(f"| {model} / Llama | " + " | ".join(f"{score / llama:.3f}" for score, llama
