@@ -57,6 +57,14 @@ def test_recall_loss_and_accuracy_count_only_the_answers():
     assert bench_recall.recall_accuracy(model, batch, rows_at_once=2) == pytest.approx(right)
 
 
+def test_recall_llama_matches_the_default_i3_in_parameters():
+    """Within the 64-unit steps of the Llama's MLP (about 10% of these models)."""
+    i3 = bench_recall.build_recall_model(bench_recall.COMPARISON["i3"], 64, 256)
+    llama = bench_recall.build_recall_model(bench_recall.COMPARISON["Llama"], 64, 256)
+    assert (llama.config.hidden_size, llama.config.num_hidden_layers) == (64, 4)
+    assert bench_recall.count_parameters(llama) == pytest.approx(bench_recall.count_parameters(i3), rel=0.1)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = ["It was the best of times, it was the worst of times.\n" * 20, "Où est la gare? Ça va. 東京\n" * 5]
@@ -110,7 +118,6 @@ def test_recall_benchmark_runs_records_and_resumes(tmp_path, monkeypatch, capsys
     for result in results:
         assert result["steps"] >= 1 and 0 <= result["accuracy"] <= 1
         assert result["curve"][-1]["accuracy"] == result["accuracy"]
-    assert results[0]["parameters"] == pytest.approx(results[2]["parameters"], rel=0.15)  # MLP steps of 64 units
     assert "| Llama |" in capsys.readouterr().out
     assert run_main(bench_recall, monkeypatch, arguments) == results  # finished runs are not run again
 
