@@ -100,7 +100,8 @@ def report(results: list[dict], budget: float):
         print("| model | " + " | ".join(headers) + f" | {headers[-1]} / {headers[1]} |")
         print("|---" * (2 + len(BUCKETS)) + "|")
         for model, scores in means.items():
-            print(f"| {model} | " + " | ".join(f"{score:.3f}" for score in scores) + f" | {scores[-1] / scores[1]:.3f} |")
+            print(f"| {model} | " + " | ".join(f"{score:.3f}" for score in scores)
+                  + f" | {scores[-1] / scores[1]:.3f} |")
         for model, scores in means.items():
             if model != "Llama":
                 print(f"| {model} / Llama | " + " | ".join(f"{score / llama:.3f}" for score, llama

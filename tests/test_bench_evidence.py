@@ -8,18 +8,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import default_data_collator
+
+from i3.tokenization_i3 import build_tokenizer
+from i3.train import encode_documents, evaluate, evaluation_windows
+
 from conftest import REPO_ROOT, tiny_model
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-import bench_length  # noqa: E402
-import bench_recall  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import default_data_collator  # noqa: E402
-
-from i3.tokenization_i3 import build_tokenizer  # noqa: E402
-from i3.train import encode_documents, evaluate, evaluation_windows  # noqa: E402
+import bench_length  # the benchmarks are scripts, importable from their folder
+import bench_recall
 
 
 @pytest.mark.parametrize("seq_len, pairs", [(16, 4), (65, 8), (256, 64)])
