@@ -706,7 +706,7 @@ class I3RecurrentMixer(nn.Module):
         mixed = token_shift(x, states.get("shift")[..., 0].to(x.dtype), self.token_shift)
         u, z = self.in_proj(mixed).chunk(2, dim=-1)  # (b, E) each
         window = torch.cat([states.get("conv").to(u.dtype), u[..., None]], dim=-1)  # (b, E, K): the conv's inputs
-        u = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        u = F.silu(causal_depthwise_conv(window, self.conv1d)[..., 0])
         dt, B, C = self.x_proj(u).split([self.num_heads, self.state_size, self.state_size], dim=-1)
         dt = F.softplus((dt + self.dt_bias).float())
         with without_autocast(u):
