@@ -1,0 +1,152 @@
+"""Export a trained or converted i3 folder to run without PyTorch: one ONNX graph of a decoding step (prefill and
+decode alike) for ONNX Runtime, and optionally the same step as an ExecuTorch program (XNNPACK).
+
+    python export.py MODEL_DIR OUTPUT_DIR [--executorch]
+
+The step is `(input_ids, position_ids, attention_mask, past...) -> (logits, present...)`: every recurrent state and
+every attention layer's keys and values is a named input `past.{layer}.{state}` and a named output
+`present.{layer}.{state}`, with dynamic batch, sequence and past lengths. `attention_mask` (b, past + t) is 1 for
+real tokens and 0 for left padding. An empty past is zero-length keys and values and each recurrent state's empty
+value, saved in `empty_states.npz` (zeros, except the RWKV-v4 WKV exponent `pp`, which starts at -1e30). The
+tokenizer files and `export_config.json` (names, shapes, limits) are written next to the graph.
+"""
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ONNX_FILE = "model.onnx"
+EXECUTORCH_FILE = "model.pte"
+EMPTY_STATES_FILE = "empty_states.npz"
+EXPORT_CONFIG_FILE = "export_config.json"
+ATTENTION_STATES = ("key", "value")
+EXAMPLE_LENGTHS = (3, 5)  # (past, new tokens) of the example inputs that torch.export traces with
+
+
+def load_model(model_dir: str | Path) -> nn.Module:
+    """The i3 model of `model_dir` in float32, eval mode, with plain (exportable) SDPA attention."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    return model.eval()
+
+
+def modeling_module(model: nn.Module):
+    """The `modeling_i3` module the model was loaded from (remote code lives in its own copy of the file)."""
+    return sys.modules[type(model).__module__]
+
+
+def state_names(model: nn.Module) -> list[tuple[int, str]]:
+    """(layer, state) for every input of the past, in graph order: a prefill of one token through the eager model
+    reveals which named states each recurrent layer keeps; attention layers keep keys and values."""
+    cache = modeling_module(model).I3Cache(model.config)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    names = []
+    for layer_idx, layer_type in enumerate(model.config.layer_types):
+        if layer_type == "full_attention":
+            names += [(layer_idx, name) for name in ATTENTION_STATES]
+        else:
+            names += [(layer_idx, name) for name in sorted(cache.recurrent_states(layer_idx).states)]
+    return names
+
+
+def empty_states(model: nn.Module, batch: int = 1) -> list[torch.Tensor]:
+    """The past before the first token, in `state_names` order: zero-length keys and values, and every recurrent
+    state as the mixers start it (zeros, and the empty WKV sums, whose exponent is -1e30, not 0)."""
+    modeling = modeling_module(model)
+    cache = modeling.I3Cache(model.config)
+    with torch.no_grad():
+        model(torch.zeros(batch, 1, dtype=torch.long), cache=cache)
+    empty = []
+    for layer_idx, name in state_names(model):
+        layer = cache.layers[layer_idx]
+        if name in ATTENTION_STATES:
+            empty.append(getattr(layer, f"{name}s")[:, :, :0])
+        elif name == "wkv":
+            empty.append(modeling.wkv_empty_state(layer.states[name][:, 0]))
+        else:
+            empty.append(torch.zeros_like(layer.states[name]))
+    return empty
+
+
+class I3Step(nn.Module):
+    """One step of an i3 model with its past as tensors: builds an `I3Cache` from them, runs the model, and returns
+    the logits and the cache's new contents in the same order."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.names = state_names(model)
+
+    def forward(self, input_ids, position_ids, attention_mask, *past):
+        cache = modeling_module(self.model).I3Cache(self.model.config)
+        for (layer_idx, name), state in zip(self.names, past):
+            if name == "key":
+                cache.layers[layer_idx].update(state, past[self.names.index((layer_idx, "value"))])
+            elif name not in ATTENTION_STATES:
+                cache.recurrent_states(layer_idx).states[name] = state
+        cache.seen_tokens = attention_mask.shape[1] - input_ids.shape[1]
+        logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache).logits
+        present = []
+        for layer_idx, name in self.names:
+            layer = cache.layers[layer_idx]
+            present.append(getattr(layer, f"{name}s") if name in ATTENTION_STATES else layer.states[name])
+        return (logits, *present)
+
+
+def input_names(names) -> list[str]:
+    return ["input_ids", "position_ids", "attention_mask"] + [f"past.{layer}.{name}" for layer, name in names]
+
+
+def output_names(names) -> list[str]:
+    return ["logits"] + [f"present.{layer}.{name}" for layer, name in names]
+
+
+def example_inputs(model: nn.Module, batch: int = 2, past: int = EXAMPLE_LENGTHS[0], new: int = EXAMPLE_LENGTHS[1]):
+    """Inputs of a step that continues `past` tokens with `new` ones (what torch.export traces; any sizes run)."""
+    step = I3Step(model)
+    ids = torch.randint(0, model.config.vocab_size, (batch, past + new), generator=torch.Generator().manual_seed(0))
+    states = empty_states(model, batch)
+    if past:
+        positions = torch.arange(past)[None].expand(batch, -1)
+        with torch.no_grad():
+            states = list(step(ids[:, :past], positions, torch.ones(batch, past, dtype=torch.long), *states)[1:])
+    positions = torch.arange(past, past + new)[None].expand(batch, -1)
+    return (ids[:, past:], positions, torch.ones(batch, past + new, dtype=torch.long), *states)
+
+
+def dynamic_shapes(names) -> tuple:
+    """Batch, new tokens and past length are dynamic; recurrent states have only the batch dimension free."""
+    batch, new, past = torch.export.Dim("batch"), torch.export.Dim("new_tokens"), torch.export.Dim("past")
+    past_shapes = [{0: batch, 2: past} if name in ATTENTION_STATES else {0: batch} for _, name in names]
+    return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: torch.export.Dim.DYNAMIC}, tuple(past_shapes))
+
+
+def stable_sort(self, stable=None, dim: int = -1, descending: bool = False):
+    """aten.sort.stable as ONNX TopK over the whole axis: TopK breaks ties by the lower index, so it is stable. The
+    padding masks i3 sorts are int8, which ONNX Runtime's TopK does not take: they are sorted as int32."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    keys = op.Cast(self, to=ir.DataType.INT32) if self.dtype in (ir.DataType.INT8, ir.DataType.BOOL) else self
+    length = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+    values, indices = op.TopK(keys, length, axis=dim, largest=descending, sorted=True)
+    return op.CastLike(values, self), indices
+
+
+def export_onnx(model: nn.Module, path: Path):
+    step = I3Step(model)
+    program = torch.onnx.export(
+        step, example_inputs(model), dynamo=True, input_names=input_names(step.names),
+        custom_translation_table={torch.ops.aten.sort.stable: stable_sort},
+        output_names=output_names(step.names), dynamic_shapes=dynamic_shapes(step.names), optimize=True,
+    )
+    program.save(str(path))
