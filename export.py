@@ -16,6 +16,7 @@ import contextlib
 import json
 import shutil
 import sys
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -118,16 +119,17 @@ def example_inputs(model: nn.Module, batch: int = 2, past: int = EXAMPLE_LENGTHS
     if past:
         positions = torch.arange(past)[None].expand(batch, -1)
         with torch.no_grad():
-            states = list(step(ids[:, :past], positions, torch.ones(batch, past, dtype=torch.long), *states)[1:])
+            states = [state.contiguous() for state in step(ids[:, :past], positions, torch.ones(batch, past, dtype=torch.long), *states)[1:]]
     positions = torch.arange(past, past + new)[None].expand(batch, -1)
     return (ids[:, past:], positions, torch.ones(batch, past + new, dtype=torch.long), *states)
 
 
 def dynamic_shapes(names) -> tuple:
-    """Batch, new tokens and past length are dynamic; recurrent states have only the batch dimension free."""
-    batch, new, past = torch.export.Dim("batch"), torch.export.Dim("new_tokens"), torch.export.Dim("past")
-    past_shapes = [{0: batch, 2: past} if name in ATTENTION_STATES else {0: batch} for _, name in names]
-    return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: torch.export.Dim.DYNAMIC}, tuple(past_shapes))
+    """Batch, new tokens and past length are dynamic (the mask's length is their sum, which torch.export works out
+    itself, hence DYNAMIC rather than named dimensions); recurrent states have only the batch dimension free."""
+    dynamic = torch.export.Dim.DYNAMIC
+    past_shapes = tuple({0: dynamic, 2: dynamic} if name in ATTENTION_STATES else {0: dynamic} for _, name in names)
+    return ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, past_shapes)
 
 
 def stable_sort(self, stable=None, dim: int = -1, descending: bool = False):
@@ -142,11 +144,56 @@ def stable_sort(self, stable=None, dim: int = -1, descending: bool = False):
     return op.CastLike(values, self), indices
 
 
+def scan_of_steps(step, num_sequences: int):
+    """A chunked scan's export twin: its single-step twin (`step`, tested equal to it) applied over time by
+    `torch.scan`, which ONNX keeps as one Scan node. The chunked scans of the published mixers carry the state across
+    chunks in a Python loop whose length depends on the sequence length, which one graph for every length cannot do.
+
+    Takes the chunked scan's arguments: (b, t, ...) sequences, then constants, `chunk_size` (unused) and the state."""
+    from torch._higher_order_ops import scan
+
+    def evaluate(*arguments, chunk_size, initial_state):
+        sequences, constants = arguments[:num_sequences], arguments[num_sequences:]
+
+        def one_step(state, inputs):
+            output, state = step(*(x[:, None] for x in inputs), *constants, initial_state=state)
+            return state, output[:, 0].clone()  # the LTI step returns its state as the output: no aliasing
+
+        final_state, outputs = scan(one_step, initial_state.float(), [x.float() for x in sequences], dim=1)
+        return outputs, final_state
+
+    return evaluate
+
+
+@contextlib.contextmanager
+def exportable(model: nn.Module):
+    """Swap in what one graph for every length needs, for the duration of an export:
+    - the open-i3 and RWKV-v4 chunked scans by their single-step twins under `torch.scan` (see `scan_of_steps`);
+    - no padding check in those mixers: it raises on data (a graph cannot), and with the past always given it would
+      take left padding of a new sequence for padding inside a continuation. Zero inputs keep a zero LTI state zero,
+      and a padded WKV key of -1e30 weighs nothing once a real token arrives, so left padding is exact;
+    - no check of learned positions against their table (a data-dependent raise too): the runtime refuses prompts
+      that would pass `max_position_embeddings` (written to export_config.json).
+    The i3 mixer exports as it is."""
+    modeling = modeling_module(model)
+    replacements = [
+        (modeling, "lti_scan_chunked", scan_of_steps(modeling.lti_scan_step, 1)),
+        (modeling, "wkv4_scan_chunked", scan_of_steps(modeling.wkv4_scan_step, 2)),
+        (modeling, "check_padding_keeps_state", lambda *arguments: None),
+        (modeling.I3Model, "check_learned_positions", lambda self, position_ids: position_ids),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, name, replacement in replacements:
+            stack.enter_context(unittest.mock.patch.object(owner, name, replacement))
+        yield
+
+
 def export_onnx(model: nn.Module, path: Path):
-    step = I3Step(model)
-    program = torch.onnx.export(
-        step, example_inputs(model), dynamo=True, input_names=input_names(step.names),
-        custom_translation_table={torch.ops.aten.sort.stable: stable_sort},
-        output_names=output_names(step.names), dynamic_shapes=dynamic_shapes(step.names), optimize=True,
-    )
+    step, inputs = I3Step(model).eval(), example_inputs(model)
+    with exportable(model), torch.no_grad():
+        program = torch.onnx.export(
+            step, inputs, dynamo=True, input_names=input_names(step.names),
+            custom_translation_table={torch.ops.aten.sort.stable: stable_sort},
+            output_names=output_names(step.names), dynamic_shapes=dynamic_shapes(step.names), optimize=True,
+        )
     program.save(str(path))
