@@ -14,7 +14,6 @@ tokenizer files and `export_config.json` (names, shapes, limits) are written nex
 import argparse
 import contextlib
 import json
-import shutil
 import sys
 import unittest.mock
 from pathlib import Path
@@ -22,18 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-ONNX_FILE = "model.onnx"
+from i3.run_exported import EMPTY_STATES_FILE, EXPORT_CONFIG_FILE, ONNX_FILE
+
 EXECUTORCH_FILE = "model.pte"
-EMPTY_STATES_FILE = "empty_states.npz"
-EXPORT_CONFIG_FILE = "export_config.json"
 ATTENTION_STATES = ("key", "value")
 EXAMPLE_LENGTHS = (3, 5)  # (past, new tokens) of the example inputs that torch.export traces with
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
     """The i3 model of `model_dir` in float32, eval mode, with plain (exportable) SDPA attention."""
+    model_type = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).model_type
+    if model_type != "i3":
+        raise ValueError(f"this exporter takes i3 models, not model_type {model_type!r}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     return model.eval()
@@ -197,3 +198,57 @@ def export_onnx(model: nn.Module, path: Path):
             output_names=output_names(step.names), dynamic_shapes=dynamic_shapes(step.names), optimize=True,
         )
     program.save(str(path))
+
+
+def export_config(model: nn.Module, names) -> dict:
+    """What a runtime needs besides the graph: state names, special tokens, and the longest sequence."""
+    config = model.config
+    generation = model.generation_config
+    learned = config.position_embedding_type == "learned"
+    return {
+        "past_names": input_names(names)[3:],
+        "present_names": output_names(names)[1:],
+        "vocab_size": config.vocab_size,
+        "eos_token_id": generation.eos_token_id if generation.eos_token_id is not None else config.eos_token_id,
+        "pad_token_id": next((token for token in (generation.pad_token_id, config.pad_token_id, 0) if token is not None)),
+        "max_length": config.max_position_embeddings if learned else None,
+        "recurrent_mixer": config.recurrent_mixer,
+        "layer_types": config.layer_types,
+        "dtype": "float32",
+    }
+
+
+def export(model_dir: str | Path, output_dir: str | Path, executorch: bool = False):
+    """Write the ONNX step (and the ExecuTorch program), the empty states, the export config and the tokenizer."""
+    output_dir = Path(output_dir)
+    model = load_model(model_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = state_names(model)
+    empty = {name: state.numpy() for name, state in zip(input_names(names)[3:], empty_states(model))}
+    np.savez(output_dir / EMPTY_STATES_FILE, **empty)
+    (output_dir / EXPORT_CONFIG_FILE).write_text(json.dumps(export_config(model, names), indent=2) + "\n")
+    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True).save_pretrained(output_dir)
+    export_onnx(model, output_dir / ONNX_FILE)
+    if executorch:
+        export_executorch(model, output_dir / EXECUTORCH_FILE)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", help="an i3 folder: written by train.py, convert_open_i3.py or save_pretrained")
+    parser.add_argument("output_dir")
+    parser.add_argument("--executorch", action="store_true", help="also write model.pte (ExecuTorch, XNNPACK)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        export(args.model_dir, args.output_dir, args.executorch)
+    except Exception as error:  # noqa: BLE001 -- one line for the user; the traceback helps nobody here
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.exit(f"export.py: cannot export {args.model_dir}: {first_line}")
+
+
+if __name__ == "__main__":
+    main()
