@@ -79,29 +79,49 @@ def empty_states(model: nn.Module, batch: int = 1) -> list[torch.Tensor]:
     return empty
 
 
+def fill_cache(cache, names, past):
+    """Put the `past` tensors (in `names` order) into a fresh cache: keys and values into its attention layers,
+    named states into its recurrent layers. The benchmark fills a transformers `DynamicCache` the same way."""
+    past = dict(zip(names, past))
+    for (layer_idx, name), state in past.items():
+        if name == "key":
+            cache.layers[layer_idx].update(state, past[(layer_idx, "value")])
+        elif name != "value":
+            cache.recurrent_states(layer_idx).states[name] = state
+    return cache
+
+
+def cache_contents(cache, names) -> list[torch.Tensor]:
+    """The cache's tensors in `names` order (what `fill_cache` takes)."""
+    return [getattr(cache.layers[layer_idx], f"{name}s") if name in ATTENTION_STATES
+            else cache.recurrent_states(layer_idx).states[name] for layer_idx, name in names]
+
+
 class I3Step(nn.Module):
     """One step of an i3 model with its past as tensors: builds an `I3Cache` from them, runs the model, and returns
-    the logits and the cache's new contents in the same order."""
+    the logits and the cache's new contents in the same order.
 
-    def __init__(self, model: nn.Module):
+    Without `padding` the step takes no attention mask (every token is real): the ExecuTorch program, whose runtime
+    has no kernel for the stable sort that moves padded steps out of the recurrent layers' history."""
+
+    def __init__(self, model: nn.Module, padding: bool = True):
         super().__init__()
         self.model = model
         self.names = state_names(model)
+        self.padding = padding
 
-    def forward(self, input_ids, position_ids, attention_mask, *past):
-        cache = modeling_module(self.model).I3Cache(self.model.config)
-        for (layer_idx, name), state in zip(self.names, past):
-            if name == "key":
-                cache.layers[layer_idx].update(state, past[self.names.index((layer_idx, "value"))])
-            elif name not in ATTENTION_STATES:
-                cache.recurrent_states(layer_idx).states[name] = state
-        cache.seen_tokens = attention_mask.shape[1] - input_ids.shape[1]
+    def forward(self, input_ids, position_ids, *mask_and_past):
+        attention_mask, past = (mask_and_past[0], mask_and_past[1:]) if self.padding else (None, mask_and_past)
+        cache = fill_cache(modeling_module(self.model).I3Cache(self.model.config), self.names, past)
+        cache.seen_tokens = past_length(self.names, past)
         logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache).logits
-        present = []
-        for layer_idx, name in self.names:
-            layer = cache.layers[layer_idx]
-            present.append(getattr(layer, f"{name}s") if name in ATTENTION_STATES else layer.states[name])
-        return (logits, *present)
+        return (logits, *cache_contents(cache, self.names))
+
+
+def past_length(names, past) -> int:
+    """How many tokens the past holds (what attention masks follow): the keys' length; 0 without attention, where
+    nothing reads it (positions are inputs)."""
+    return next((state.shape[2] for (_, name), state in zip(names, past) if name == "key"), 0)
 
 
 def input_names(names) -> list[str]:
@@ -190,14 +210,42 @@ def exportable(model: nn.Module):
 
 
 def export_onnx(model: nn.Module, path: Path):
+    """The ONNX graph of `I3Step`, every size dynamic (ONNX Runtime optimises it further when it loads)."""
     step, inputs = I3Step(model).eval(), example_inputs(model)
-    with exportable(model), torch.no_grad():
+    with exportable(model):
+        save_onnx(step, inputs, step.names, path)
+
+
+def save_onnx(step: nn.Module, inputs: tuple, names, path: Path):
+    """torch.onnx.export (dynamo) of a step `(input_ids, position_ids, attention_mask, *past)` whose past holds
+    `names`; the benchmark exports a Llama through here too."""
+    with torch.no_grad():
         program = torch.onnx.export(
-            step, inputs, dynamo=True, input_names=input_names(step.names),
-            custom_translation_table={torch.ops.aten.sort.stable: stable_sort},
-            output_names=output_names(step.names), dynamic_shapes=dynamic_shapes(step.names), optimize=True,
+            step, inputs, dynamo=True, input_names=input_names(names), output_names=output_names(names),
+            dynamic_shapes=dynamic_shapes(names), custom_translation_table={torch.ops.aten.sort.stable: stable_sort},
+            optimize=True,
         )
     program.save(str(path))
+
+
+def export_executorch(model: nn.Module, path: Path, max_batch: int = 8, max_tokens: int = 4096):
+    """The same step as an ExecuTorch program for XNNPACK, without the attention mask (see `I3Step`). Its sizes are
+    bounded, as ExecuTorch plans memory for the largest: batch, new tokens and past up to the given limits (the learned
+    positions' count where smaller)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    if model.config.position_embedding_type == "learned":
+        max_tokens = min(max_tokens, model.config.max_position_embeddings)
+    step = I3Step(model, padding=False).eval()
+    ids, positions, _, *past = example_inputs(model)
+    batch, new = torch.export.Dim("batch", max=max_batch), torch.export.Dim("new_tokens", max=max_tokens)
+    past_length = torch.export.Dim("past", max=max_tokens)
+    shapes = ({0: batch, 1: new}, {0: batch, 1: new},
+              tuple({0: batch, 2: past_length} if name in ATTENTION_STATES else {0: batch} for _, name in step.names))
+    with exportable(model), torch.no_grad():
+        program = torch.export.export(step, (ids, positions, *past), dynamic_shapes=shapes)
+    path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
 
 
 def export_config(model: nn.Module, names) -> dict:

@@ -19,6 +19,7 @@ One generator serves the whole batch, so a seed fixes every row's draws.
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -88,7 +89,11 @@ class ExportedI3:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
         self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        self.folder = folder
+
+    @functools.cached_property
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(self.folder, trust_remote_code=True)
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """The past of `batch` new sequences: every state at its empty value, keys and values of length 0."""
@@ -104,24 +109,32 @@ class ExportedI3:
                  top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = -1) -> list[list[int]]:
         """The new tokens of each prompt (a list of token ids): greedy at temperature 0, else sampled; a row stops
         after its end-of-sequence token (`eos_token_id` -1: the model's own, None: never)."""
-        if eos_token_id == -1:
-            eos_token_id = self.config["eos_token_id"]
         self.check_length(max(len(prompt) for prompt in prompts) + max_new_tokens)
-        rng = np.random.default_rng(seed) if temperature > 0 else None
         ids, mask = left_pad(prompts, self.config["pad_token_id"])
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         logits, past = self.step(ids, positions, mask, self.empty_past(len(prompts)))
-        generated, finished = [], np.zeros(len(prompts), dtype=bool)
+        return self.decode(logits, past, mask, positions[:, -1:], max_new_tokens, temperature, top_k, top_p, seed,
+                           eos_token_id)
+
+    def decode(self, logits, past, mask, last_positions, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = -1):
+        """Continue from the `logits` (b, vocab) and `past` of a prefill whose mask is `mask` (b, length) and whose
+        last positions are `last_positions` (b, 1): see `generate`."""
+        if eos_token_id == -1:
+            eos_token_id = self.config["eos_token_id"]
+        rng = np.random.default_rng(seed) if temperature > 0 else None
+        generated, finished = [], np.zeros(len(logits), dtype=bool)
+        positions = last_positions
         for _ in range(max_new_tokens):
-            tokens = sample_next_tokens(logits, rng, temperature, top_k, top_p)
-            tokens = np.where(finished, self.config["pad_token_id"], tokens)
+            tokens = np.where(finished, self.config["pad_token_id"],
+                              sample_next_tokens(logits, rng, temperature, top_k, top_p))
             generated.append(tokens)
             if eos_token_id is not None:
                 finished |= tokens == eos_token_id
             if finished.all() or len(generated) == max_new_tokens:
                 break
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((len(logits), 1), dtype=np.int64)], axis=1)
+            positions = positions + 1
             logits, past = self.step(tokens[:, None], positions, mask, past)
         return [cut_after_eos(row, eos_token_id) for row in np.stack(generated, axis=1).tolist()]
 
