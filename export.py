@@ -239,10 +239,9 @@ def export_executorch(model: nn.Module, path: Path, max_batch: int = 8, max_toke
         max_tokens = min(max_tokens, model.config.max_position_embeddings)
     step = I3Step(model, padding=False).eval()
     ids, positions, _, *past = example_inputs(model)
-    batch, new = torch.export.Dim("batch", max=max_batch), torch.export.Dim("new_tokens", max=max_tokens)
-    past_length = torch.export.Dim("past", max=max_tokens)
-    shapes = ({0: batch, 1: new}, {0: batch, 1: new},
-              tuple({0: batch, 2: past_length} if name in ATTENTION_STATES else {0: batch} for _, name in step.names))
+    batch, tokens = torch.export.Dim.DYNAMIC(max=max_batch), torch.export.Dim.DYNAMIC(max=max_tokens)
+    shapes = ({0: batch, 1: tokens}, {0: batch, 1: tokens},
+              tuple({0: batch, 2: tokens} if name in ATTENTION_STATES else {0: batch} for _, name in step.names))
     with exportable(model), torch.no_grad():
         program = torch.export.export(step, (ids, positions, *past), dynamic_shapes=shapes)
     path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
@@ -266,17 +265,23 @@ def export_config(model: nn.Module, names) -> dict:
     }
 
 
-def export(model_dir: str | Path, output_dir: str | Path, executorch: bool = False):
-    """Write the ONNX step (and the ExecuTorch program), the empty states, the export config and the tokenizer."""
-    output_dir = Path(output_dir)
-    model = load_model(model_dir)
+def write_runtime_files(model: nn.Module, output_dir: Path):
+    """What ONNX Runtime needs besides the tokenizer: the step graph, the empty states and export_config.json."""
     output_dir.mkdir(parents=True, exist_ok=True)
     names = state_names(model)
     empty = {name: state.numpy() for name, state in zip(input_names(names)[3:], empty_states(model))}
     np.savez(output_dir / EMPTY_STATES_FILE, **empty)
     (output_dir / EXPORT_CONFIG_FILE).write_text(json.dumps(export_config(model, names), indent=2) + "\n")
-    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True).save_pretrained(output_dir)
     export_onnx(model, output_dir / ONNX_FILE)
+
+
+def export(model_dir: str | Path, output_dir: str | Path, executorch: bool = False):
+    """Write the ONNX step (and the ExecuTorch program), the empty states, the export config and the tokenizer."""
+    output_dir = Path(output_dir)
+    model = load_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    write_runtime_files(model, output_dir)
+    tokenizer.save_pretrained(output_dir)
     if executorch:
         export_executorch(model, output_dir / EXECUTORCH_FILE)
 
