@@ -228,23 +228,31 @@ def save_onnx(step: nn.Module, inputs: tuple, names, path: Path):
     program.save(str(path))
 
 
-def export_executorch(model: nn.Module, path: Path, max_batch: int = 8, max_tokens: int = 4096):
-    """The same step as an ExecuTorch program for XNNPACK, without the attention mask (see `I3Step`). Its sizes are
-    bounded, as ExecuTorch plans memory for the largest: batch, new tokens and past up to the given limits (the learned
-    positions' count where smaller)."""
+def export_executorch(model: nn.Module, path: Path, max_tokens: int = 4096):
+    """The same step as an ExecuTorch program for XNNPACK, at batch 1 and without the attention mask (see `I3Step`).
+    XNNPACK reshapes take one dynamic dimension, where i3's reshape over new tokens and past together: batch is fixed
+    at 1 and reshapes stay on ExecuTorch's portable kernels (matmuls and elementwise math go to XNNPACK). ExecuTorch
+    plans memory for the largest sizes, so new tokens and past are bounded by `max_tokens` (or the learned
+    positions)."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import (
+        UnsqueezeCopyConfig,
+        ViewCopyConfig,
+    )
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     if model.config.position_embedding_type == "learned":
         max_tokens = min(max_tokens, model.config.max_position_embeddings)
     step = I3Step(model, padding=False).eval()
-    ids, positions, _, *past = example_inputs(model)
-    batch, tokens = torch.export.Dim.DYNAMIC(max=max_batch), torch.export.Dim.DYNAMIC(max=max_tokens)
-    shapes = ({0: batch, 1: tokens}, {0: batch, 1: tokens},
-              tuple({0: batch, 2: tokens} if name in ATTENTION_STATES else {0: batch} for _, name in step.names))
+    ids, positions, _, *past = example_inputs(model, batch=1)
+    tokens = torch.export.Dim.DYNAMIC(max=max_tokens)
+    shapes = ({1: tokens}, {1: tokens}, tuple({2: tokens} if name in ATTENTION_STATES else {} for _, name in step.names))
     with exportable(model), torch.no_grad():
         program = torch.export.export(step, (ids, positions, *past), dynamic_shapes=shapes)
-    path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    partitioner = XnnpackPartitioner(configs=[config for config in ALL_PARTITIONER_CONFIGS
+                                              if config not in (UnsqueezeCopyConfig, ViewCopyConfig)])
+    path.write_bytes(to_edge_transform_and_lower(program, partitioner=[partitioner]).to_executorch().buffer)
 
 
 def export_config(model: nn.Module, names) -> dict:
