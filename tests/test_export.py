@@ -22,6 +22,14 @@ from i3.run_exported import ExportedI3
 from conftest import FIXTURES, REPO_ROOT, tiny_config, tiny_model, with_live_states
 
 DECODE_STEPS = 32
+# runs a script (argv[1], with the arguments after it) as if torch were not installed: importing it fails, and
+# transformers' availability check sees no torch
+WITHOUT_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def save_tiny(folder, **overrides):
@@ -161,16 +169,14 @@ def test_left_padded_batch_decodes_as_each_prompt_alone(exported, source):
 
 def test_greedy_text_of_the_command_equals_generate(exported):
     """`python run_exported.py FOLDER --prompt TEXT` prints, for a train.py folder, the text that eager `generate`
-    decodes (greedy, stopping at EOS), in a process that never imports torch."""
+    decodes (greedy, stopping at EOS), in a process where torch cannot be imported."""
     model_dir, onnx_dir = exported("trained i3, learned positions")
     model, tokenizer = eager_model(model_dir), AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     prompt = "It is a truth universally acknowledged"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=20, do_sample=False)
     expected = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
-    check_no_torch = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); " \
-                     "assert 'torch' not in sys.modules, 'imported torch'"
-    result = subprocess.run([sys.executable, "-c", check_no_torch, str(REPO_ROOT / "run_exported.py"), str(onnx_dir),
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, REPO_ROOT / "run_exported.py", onnx_dir,
                              "--prompt", prompt, "--max_new_tokens", "20"], capture_output=True, text=True, check=True)
     assert result.stdout == expected + "\n"
 
