@@ -228,6 +228,13 @@ def save_onnx(step: nn.Module, inputs: tuple, names, path: Path):
     program.save(str(path))
 
 
+def lerp_as_aten_computes_it(start, end, weight):
+    """torch.lerp (the token shift) in ATen's own arithmetic: its default decomposition leaves a strided copy that
+    ExecuTorch has no kernel for."""
+    difference = end - start
+    return torch.where(weight.abs() < 0.5, start + weight * difference, end - difference * (1 - weight))
+
+
 def export_executorch(model: nn.Module, path: Path, max_tokens: int = 4096):
     """The same step as an ExecuTorch program for XNNPACK, at batch 1 and without the attention mask (see `I3Step`).
     XNNPACK reshapes take one dynamic dimension, where i3's reshape over new tokens and past together: batch is fixed
@@ -250,6 +257,7 @@ def export_executorch(model: nn.Module, path: Path, max_tokens: int = 4096):
     shapes = ({1: tokens}, {1: tokens}, tuple({2: tokens} if name in ATTENTION_STATES else {} for _, name in step.names))
     with exportable(model), torch.no_grad():
         program = torch.export.export(step, (ids, positions, *past), dynamic_shapes=shapes)
+    program = program.run_decompositions({torch.ops.aten.lerp.Tensor: lerp_as_aten_computes_it})
     partitioner = XnnpackPartitioner(configs=[config for config in ALL_PARTITIONER_CONFIGS
                                               if config not in (UnsqueezeCopyConfig, ViewCopyConfig)])
     path.write_bytes(to_edge_transform_and_lower(program, partitioner=[partitioner]).to_executorch().buffer)
@@ -287,6 +295,9 @@ def export(model_dir: str | Path, output_dir: str | Path, executorch: bool = Fal
     """Write the ONNX step (and the ExecuTorch program), the empty states, the export config and the tokenizer."""
     output_dir = Path(output_dir)
     model = load_model(model_dir)
+    if executorch and model.config.recurrent_mixer != "i3":
+        raise ValueError(f"the ExecuTorch program takes the i3 mixer, not {model.config.recurrent_mixer!r}, whose scan "
+                         "exports as torch.scan, which ExecuTorch does not run (export without --executorch for ONNX)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     write_runtime_files(model, output_dir)
     tokenizer.save_pretrained(output_dir)
