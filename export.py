@@ -14,6 +14,7 @@ tokenizer files and `export_config.json` (names, shapes, limits) are written nex
 import argparse
 import contextlib
 import json
+import operator
 import sys
 import unittest.mock
 from pathlib import Path
@@ -235,6 +236,23 @@ def lerp_as_aten_computes_it(start, end, weight):
     return torch.where(weight.abs() < 0.5, start + weight * difference, end - difference * (1 - weight))
 
 
+def with_python_modulo(graph_module: torch.fx.GraphModule):
+    """ExecuTorch's runtime takes `a % b` of sizes with C's sign (that of a), Python's has b's: the chunked scans pad
+    by `-length % chunk_size`, which must not turn negative. Rewrite every size modulo as `(a % b + b) % b`."""
+    graph = graph_module.graph
+    for node in [node for node in graph.nodes if node.op == "call_function" and node.target is operator.mod]:
+        divisor = node.args[1]
+        divisor_value = divisor.meta["val"] if isinstance(divisor, torch.fx.Node) else divisor
+        with graph.inserting_after(node):
+            shifted = graph.call_function(operator.add, (node, divisor))
+            shifted.meta["val"] = node.meta["val"] + divisor_value
+        with graph.inserting_after(shifted):
+            remainder = graph.call_function(operator.mod, (shifted, divisor))
+            remainder.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(remainder, delete_user_cb=lambda user: user is not shifted)
+    graph_module.recompile()
+
+
 def export_executorch(model: nn.Module, path: Path, max_tokens: int = 4096):
     """The same step as an ExecuTorch program for XNNPACK, at batch 1 and without the attention mask (see `I3Step`).
     XNNPACK reshapes take one dynamic dimension, where i3's reshape over new tokens and past together: batch is fixed
@@ -258,6 +276,7 @@ def export_executorch(model: nn.Module, path: Path, max_tokens: int = 4096):
     with exportable(model), torch.no_grad():
         program = torch.export.export(step, (ids, positions, *past), dynamic_shapes=shapes)
     program = program.run_decompositions({torch.ops.aten.lerp.Tensor: lerp_as_aten_computes_it})
+    with_python_modulo(program.graph_module)
     partitioner = XnnpackPartitioner(configs=[config for config in ALL_PARTITIONER_CONFIGS
                                               if config not in (UnsqueezeCopyConfig, ViewCopyConfig)])
     path.write_bytes(to_edge_transform_and_lower(program, partitioner=[partitioner]).to_executorch().buffer)

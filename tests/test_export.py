@@ -233,15 +233,18 @@ def test_chat_messages_go_through_the_chat_template(exported, tmp_path):
     assert result.stdout == expected + "\n"
 
 
-def test_learned_positions_are_not_passed_and_other_models_are_refused(exported, tmp_path):
-    """The runtime refuses a generation longer than the learned positions (the graph cannot), and export.py refuses
-    a folder that is not an i3 model in one line."""
-    _, onnx_dir = exported("converted open-i3 (80M style)")
+def test_what_cannot_run_is_refused_in_one_line(exported, tmp_path):
+    """The runtime refuses a generation longer than the learned positions (the graph cannot); export.py refuses a
+    folder that is not an i3 model, and an ExecuTorch program of a published mixer, in one line each."""
+    model_dir, onnx_dir = exported("converted open-i3 (80M style)")
     runtime = ExportedI3(onnx_dir)
     with pytest.raises(ValueError, match="learned positions"):
         runtime.generate([[5, 6, 7]], runtime.config["max_length"])
     (tmp_path / "not-i3").mkdir()
     (tmp_path / "not-i3" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    result = subprocess.run([sys.executable, REPO_ROOT / "export.py", tmp_path / "not-i3", tmp_path / "out"],
-                            capture_output=True, text=True)
-    assert result.returncode != 0 and result.stderr.splitlines()[-1].startswith("export.py: cannot export")
+    for folder, flags, reason in [(tmp_path / "not-i3", [], "model_type 'gpt2'"),
+                                  (model_dir, ["--executorch"], "takes the i3 mixer, not 'open-i3'")]:
+        result = subprocess.run([sys.executable, REPO_ROOT / "export.py", folder, tmp_path / "out", *flags],
+                                capture_output=True, text=True)
+        last_line = result.stderr.splitlines()[-1]
+        assert result.returncode != 0 and last_line.startswith("export.py: cannot export") and reason in last_line
