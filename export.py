@@ -100,19 +100,16 @@ def cache_contents(cache, names) -> list[torch.Tensor]:
 
 class I3Step(nn.Module):
     """One step of an i3 model with its past as tensors: builds an `I3Cache` from them, runs the model, and returns
-    the logits and the cache's new contents in the same order.
+    the logits and the cache's new contents in the same order. `attention_mask` None means every token is real (the
+    ExecuTorch program, whose runtime has no kernel for the stable sort that keeps padded steps out of the recurrent
+    layers' history)."""
 
-    Without `padding` the step takes no attention mask (every token is real): the ExecuTorch program, whose runtime
-    has no kernel for the stable sort that moves padded steps out of the recurrent layers' history."""
-
-    def __init__(self, model: nn.Module, padding: bool = True):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.names = state_names(model)
-        self.padding = padding
 
-    def forward(self, input_ids, position_ids, *mask_and_past):
-        attention_mask, past = (mask_and_past[0], mask_and_past[1:]) if self.padding else (None, mask_and_past)
+    def forward(self, input_ids, position_ids, attention_mask, *past):
         cache = fill_cache(modeling_module(self.model).I3Cache(self.model.config), self.names, past)
         cache.seen_tokens = past_length(self.names, past)
         logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache).logits
@@ -135,15 +132,13 @@ def output_names(names) -> list[str]:
 
 def example_inputs(model: nn.Module, batch: int = 2, past: int = EXAMPLE_LENGTHS[0], new: int = EXAMPLE_LENGTHS[1]):
     """Inputs of a step that continues `past` tokens with `new` ones (what torch.export traces; any sizes run)."""
-    step = I3Step(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, past + new), generator=torch.Generator().manual_seed(0))
-    states = empty_states(model, batch)
-    if past:
-        positions = torch.arange(past)[None].expand(batch, -1)
-        with torch.no_grad():
-            states = [state.contiguous() for state in step(ids[:, :past], positions, torch.ones(batch, past, dtype=torch.long), *states)[1:]]
-    positions = torch.arange(past, past + new)[None].expand(batch, -1)
-    return (ids[:, past:], positions, torch.ones(batch, past + new, dtype=torch.long), *states)
+    positions = torch.arange(past + new)[None].expand(batch, -1)
+    mask = torch.ones(batch, past + new, dtype=torch.long)
+    with torch.no_grad():
+        _, *states = I3Step(model)(ids[:, :past], positions[:, :past], mask[:, :past], *empty_states(model, batch))
+    states = [state.contiguous() for state in states]  # as a runtime hands them over (torch.scan checks strides)
+    return (ids[:, past:], positions[:, past:], mask, *states)
 
 
 def dynamic_shapes(names) -> tuple:
@@ -269,12 +264,13 @@ def export_executorch(model: nn.Module, path: Path, max_tokens: int = 4096):
 
     if model.config.position_embedding_type == "learned":
         max_tokens = min(max_tokens, model.config.max_position_embeddings)
-    step = I3Step(model, padding=False).eval()
+    step = I3Step(model).eval()
     ids, positions, _, *past = example_inputs(model, batch=1)
     tokens = torch.export.Dim.DYNAMIC(max=max_tokens)
-    shapes = ({1: tokens}, {1: tokens}, tuple({2: tokens} if name in ATTENTION_STATES else {} for _, name in step.names))
+    shapes = ({1: tokens}, {1: tokens}, None,
+              tuple({2: tokens} if name in ATTENTION_STATES else {} for _, name in step.names))
     with exportable(model), torch.no_grad():
-        program = torch.export.export(step, (ids, positions, *past), dynamic_shapes=shapes)
+        program = torch.export.export(step, (ids, positions, None, *past), dynamic_shapes=shapes)
     program = program.run_decompositions({torch.ops.aten.lerp.Tensor: lerp_as_aten_computes_it})
     with_python_modulo(program.graph_module)
     partitioner = XnnpackPartitioner(configs=[config for config in ALL_PARTITIONER_CONFIGS
