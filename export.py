@@ -28,7 +28,7 @@ from i3.run_exported import EMPTY_STATES_FILE, EXPORT_CONFIG_FILE, ONNX_FILE
 
 EXECUTORCH_FILE = "model.pte"
 ATTENTION_STATES = ("key", "value")
-EXAMPLE_LENGTHS = (3, 5)  # (past, new tokens) of the example inputs that torch.export traces with
+EXAMPLE_PAST = 3  # tokens of past in the example inputs that torch.export traces with
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
@@ -130,8 +130,16 @@ def output_names(names) -> list[str]:
     return ["logits"] + [f"present.{layer}.{name}" for layer, name in names]
 
 
-def example_inputs(model: nn.Module, batch: int = 2, past: int = EXAMPLE_LENGTHS[0], new: int = EXAMPLE_LENGTHS[1]):
-    """Inputs of a step that continues `past` tokens with `new` ones (what torch.export traces; any sizes run)."""
+def example_inputs(model: nn.Module, batch: int = 2, past: int = EXAMPLE_PAST):
+    """Inputs of a step that continues `past` tokens with new ones (what torch.export traces; any sizes run).
+
+    The new tokens fill three chunks of the chunked scans, where the learned positions allow: traced at one chunk,
+    torch.export takes the chunk count for the constant 1 (its sizes 0 and 1 are specialised), and longer prompts
+    would not run."""
+    config = model.config
+    new = 2 * config.chunk_size + 3
+    if config.position_embedding_type == "learned":
+        new = min(new, config.max_position_embeddings - past)
     ids = torch.randint(0, model.config.vocab_size, (batch, past + new), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(past + new)[None].expand(batch, -1)
     mask = torch.ones(batch, past + new, dtype=torch.long)
