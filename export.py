@@ -261,7 +261,7 @@ def export_executorch(model: nn.Module, path: Path, max_tokens: int = 4096):
     XNNPACK reshapes take one dynamic dimension, where i3's reshape over new tokens and past together: batch is fixed
     at 1 and reshapes stay on ExecuTorch's portable kernels (matmuls and elementwise math go to XNNPACK). ExecuTorch
     plans memory for the largest sizes, so new tokens and past are bounded by `max_tokens` (or the learned
-    positions)."""
+    positions). Its inputs are `(input_ids, position_ids, None, *past)`: the mask's slot stays, empty."""
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.generic_node_configs import (
         UnsqueezeCopyConfig,

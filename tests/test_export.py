@@ -144,7 +144,7 @@ def test_executorch_program_gives_the_eager_logits(exported, tmp_path):
     ids = random_ids(1, 6 + DECODE_STEPS, model.config.vocab_size).numpy()
 
     def run_step(step_ids, positions, length, past):
-        inputs = [torch.from_numpy(step_ids), torch.from_numpy(positions), *past]
+        inputs = [torch.from_numpy(step_ids), torch.from_numpy(positions), None, *past]  # no attention mask
         logits, *past = (output.clone() for output in method.execute(inputs))  # outputs live in planned memory
         return [logits.numpy(), *past]
 
