@@ -16,7 +16,6 @@ Timings alternate between the engines and report medians, so background load hit
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
