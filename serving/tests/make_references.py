@@ -81,6 +81,13 @@ def prompts(vocab_size: int, seed: int) -> list[list[int]]:
     return [torch.randint(4, vocab_size, (length,), generator=generator).tolist() for length in PROMPT_LENGTHS]
 
 
+def shared_prefix_prompts(vocab_size: int, seed: int) -> list[list[int]]:
+    """Four prompts with the same first 280 tokens and different tails, for prefix caching."""
+    generator = torch.Generator().manual_seed(seed + 1000)
+    prefix = torch.randint(4, vocab_size, (280,), generator=generator).tolist()
+    return [prefix + torch.randint(4, vocab_size, (tail,), generator=generator).tolist() for tail in (5, 9, 14, 20)]
+
+
 @torch.no_grad()
 def greedy_references(model, prompt_ids: list[list[int]]) -> list[dict]:
     """Each prompt alone through `generate` (greedy, EOS not stopping), and the log-softmax of each chosen token."""
@@ -117,22 +124,44 @@ def train_tiny(folder: Path, workdir: Path):
                    env=env, check=True, capture_output=True, text=True)
 
 
+def trained_references(output_dir: Path) -> dict:
+    """The trained model's greedy references for token prompts, text prompts and one chat, with decoded texts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = output_dir / "trained"
+    train_tiny(folder, output_dir / "train-work")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    texts = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome, clever, and rich",
+             "She was", "The Miss Steeles", "Mr. Knightley, a sensible man about seven or eight-and-thirty",
+             "Her father", "I do not", "What a"] * 2
+    texts = [text + suffix for text, suffix in zip(texts, [""] * 8 + [" and", " when", " that", " of", " in", " to",
+                                                                          ",", "!"])]
+    chat = [{"role": "user", "content": "How do you do?"}]
+    chat_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    text_references = greedy_references(model, [tokenizer(text)["input_ids"] for text in texts])
+    chat_reference = greedy_references(model, [list(chat_ids)])[0]
+    for reference in [*text_references, chat_reference]:
+        reference["text"] = tokenizer.decode(reference["tokens"])
+    for reference, text in zip(text_references, texts):
+        reference["prompt_text"] = text
+    chat_reference["messages"] = chat
+    return {"texts": text_references, "chat": chat_reference}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--trained", action="store_true", help="also train a tiny model with train.py")
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM
-
     references = {}
     for seed, (name, fields) in enumerate(VARIANTS.items()):
         model = build_variant(args.output_dir / name, fields, seed)
-        references[name] = greedy_references(model, prompts(model.config.vocab_size, seed))
+        vocab_size = model.config.vocab_size
+        references[name] = {"prompts": greedy_references(model, prompts(vocab_size, seed)),
+                            "shared_prefix": greedy_references(model, shared_prefix_prompts(vocab_size, seed))}
     if args.trained:
-        folder = args.output_dir / "trained"
-        train_tiny(folder, args.output_dir / "train-work")
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-        references["trained"] = greedy_references(model, prompts(model.config.vocab_size, 99))
+        references["trained"] = trained_references(args.output_dir)
     (args.output_dir / "references.json").write_text(json.dumps(references))
 
 
