@@ -96,7 +96,7 @@ def build_models(folder: Path) -> dict[str, Path]:
     """The Austen preset at random init and its parameter-matched Llama, saved; returns {name: folder}."""
     import torch
 
-    from benchmarks.bench_model import count_parameters, matching_llama
+    from bench_model import count_parameters, matching_llama
     from i3.configuration_i3 import I3Config
     from i3.modeling_i3 import I3ForCausalLM
     from i3.tokenization_i3 import I3Tokenizer
@@ -116,7 +116,7 @@ def build_models(folder: Path) -> dict[str, Path]:
 
 
 def run_measurement(python: str, system: str, model: Path, count: int, length: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"}
     command = [python, str(Path(__file__).resolve()), "--measure", system, "--model", str(model),
                "--concurrency", str(count), "--prompt-lengths", str(length)]
     result = subprocess.run(command, capture_output=True, text=True, env=env)

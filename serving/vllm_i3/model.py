@@ -96,7 +96,14 @@ class RequestBatch:
 
     @classmethod
     def from_metadata(cls, metadata) -> "RequestBatch":
-        """From vLLM's Mamba-2 metadata (speculative decoding, with several tokens per decode, is not supported)."""
+        """From vLLM's Mamba-2 metadata (speculative decoding, with several tokens per decode, is not supported).
+        All recurrent layers of a step share one metadata object, so the batch is built once per step."""
+        if getattr(metadata, "i3_requests", None) is None:
+            metadata.i3_requests = cls.build(metadata)
+        return metadata.i3_requests
+
+    @classmethod
+    def build(cls, metadata) -> "RequestBatch":
         num_decodes, device = metadata.num_decodes, metadata.seq_lens.device
         starts, lengths, slots, continuing = [], [], [], []
         if num_decodes:
