@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import CUDAGraphMode, VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
@@ -525,6 +525,7 @@ class I3ForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        refuse_unsupported(vllm_config)
         config = vllm_config.model_config.hf_config
         self.config = config
         self.model = I3Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
@@ -566,6 +567,18 @@ class I3ForCausalLM(nn.Module, HasInnerState, IsHybrid):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         tied = ["lm_head.weight"] if self.config.tie_word_embeddings else []  # the embedding is the head
         return AutoWeightsLoader(self, ignore_unexpected_prefixes=tied).load_weights(weights)
+
+
+def refuse_unsupported(vllm_config: VllmConfig):
+    """One line for each engine setting this plugin does not implement, instead of wrong tokens later."""
+    if vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:
+        raise ValueError("i3's recurrent layers have no CUDA-graph path (they read per-request lengths on the host): "
+                         "start vLLM with --enforce-eager (LLM(..., enforce_eager=True)).")
+    if vllm_config.speculative_config is not None:
+        raise ValueError("i3's recurrent layers take one token per decode step: speculative decoding is not supported.")
+    if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("i3's vLLM plugin runs on one device: use tensor_parallel_size=1 and pipeline_parallel_size=1 "
+                         "(data parallelism, one engine per device, works).")
 
 
 def recurrent_state_layout(config, model_dtype: torch.dtype):
