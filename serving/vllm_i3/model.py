@@ -424,7 +424,6 @@ class I3RecurrentDecoderLayer(nn.Module, MambaBase):
         if metadata is None:  # the profiling run: no states yet, only the shapes matter
             return hidden_states + self.mlp_without_state(self.post_attention_layernorm(hidden_states))
         batch = RequestBatch.from_metadata(metadata)
-        output = hidden_states.clone()
         x = hidden_states[: batch.num_tokens]  # vLLM may pad the batch past its real tokens
         num_mixer_states = len(self.linear_attn.state_shapes())
         x = x + self.linear_attn(self.input_layernorm(x), self.kv_cache[:num_mixer_states], batch, metadata)
@@ -433,8 +432,9 @@ class I3RecurrentDecoderLayer(nn.Module, MambaBase):
             x = x + self.mlp(normed, self.kv_cache[num_mixer_states], batch)
         else:
             x = x + self.mlp(normed)
-        output[: batch.num_tokens] = x
-        return output
+        if batch.num_tokens == hidden_states.shape[0]:
+            return x
+        return torch.cat([x, hidden_states[batch.num_tokens:]])
 
     def mlp_without_state(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.mlp, I3WkvChannelMix):
