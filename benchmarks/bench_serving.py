@@ -106,8 +106,8 @@ def measure_generate(model: str, count: int, length: int, new_tokens: int) -> di
 def build_models(folder: Path) -> dict[str, Path]:
     """The Austen preset at random init and its parameter-matched Llama, saved; returns {name: folder}."""
     import torch
-
     from bench_model import count_parameters, matching_llama
+
     from i3.configuration_i3 import I3Config
     from i3.modeling_i3 import I3ForCausalLM
     from i3.tokenization_i3 import I3Tokenizer
