@@ -59,6 +59,8 @@ def measure_vllm(model: str, count: int, length: int, new_tokens: int) -> dict:
     """N prompts submitted together to `vllm.LLM` (engine and worker in this process, so its peak memory counts;
     prefix caching off: the prompts share nothing)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # both models use RoPE, so max_position_embeddings (1,024 in the Austen preset) is no limit to their length
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, trust_remote_code=True, dtype="float32", enforce_eager=True,
