@@ -81,6 +81,20 @@ class I3MLP(nn.Module):
         return self.down_proj(hidden)[0]
 
 
+class I3GatedRMSNorm(nn.Module):
+    """`weight * rmsnorm(y) * silu(z)`, normalising before the gate as modeling_i3 does (vLLM's Mamba-2 norm,
+    `Mixer2RMSNormGated`, gates first: `rmsnorm(y * silu(z))`)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(y.float(), y.shape[-1:], self.weight.float(), self.eps)
+        return normed.to(gate.dtype) * F.silu(gate)
+
+
 # --- the requests of one step, as the recurrent layers see them ---
 
 
@@ -179,7 +193,6 @@ class I3SelectiveMixer(nn.Module):
         self.head_dim = self.inner_size // self.num_heads
         self.state_size = config.state_size
         self.conv_kernel = config.conv_kernel
-        self.eps = config.layer_norm_eps
         self.token_shift = nn.Parameter(torch.empty(config.hidden_size))
         self.in_proj = make_linear(config, config.hidden_size, 2 * self.inner_size, False, f"{prefix}.in_proj")
         self.conv1d = nn.Conv1d(self.inner_size, self.inner_size, config.conv_kernel, groups=self.inner_size)
@@ -188,8 +201,7 @@ class I3SelectiveMixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
-        self.norm = nn.Module()
-        self.norm.weight = nn.Parameter(torch.ones(self.inner_size))
+        self.norm = I3GatedRMSNorm(self.inner_size, config.layer_norm_eps)
         self.out_proj = make_linear(config, self.inner_size, config.hidden_size, False, f"{prefix}.out_proj")
 
     def state_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -211,7 +223,6 @@ class I3SelectiveMixer(nn.Module):
         u_d, u_p = u.split([num_decodes, num_prefill_tokens])
         # 3. causal depthwise conv, then SiLU (vLLM's ops; they read and write conv_state)
         conv_weight = self.conv1d.weight.view(self.inner_size, self.conv_kernel)
-        outputs = []
         if num_decodes:
             u_d = causal_conv1d_update(u_d, conv_state, conv_weight, self.conv1d.bias, "silu",
                                        conv_state_indices=metadata.state_indices_tensor_d)
@@ -222,14 +233,14 @@ class I3SelectiveMixer(nn.Module):
                                    query_start_loc=metadata.query_start_loc_p).transpose(0, 1)
         # 4. selective SSM, dt = softplus(W_dt u + b_dt), A = -exp(A_log), one group of B and C
         A = -torch.exp(self.A_log.float())
+        outputs = []
         if num_decodes:
             outputs.append(self.ssm_decode(u_d, A, ssm_state, metadata))
         if num_prefill_tokens:
             outputs.append(self.ssm_prefill(u_p, A, ssm_state, metadata))
         y = torch.cat(outputs).view(-1, self.inner_size)
-        # 5. out = W_out(weight * rmsnorm(y) * silu(z)): normalised before the gate
-        normed = F.rms_norm(y.float(), (self.inner_size,), self.norm.weight.float(), self.eps)
-        return self.out_proj(normed.to(z.dtype) * F.silu(z))[0]
+        # 5. out = W_out(weight * rmsnorm(y) * silu(z))
+        return self.out_proj(self.norm(y, z))[0]
 
     def split_projection(self, u: torch.Tensor):
         dt, B, C = self.x_proj(u)[0].split([self.num_heads, self.state_size, self.state_size], dim=-1)
